@@ -1,0 +1,1 @@
+"""DiffEdit on Stable Diffusion, from scratch."""

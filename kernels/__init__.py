@@ -1,0 +1,1 @@
+"""Triton kernels of diffedit (imported as diffedit.kernels)."""
