@@ -51,11 +51,13 @@ def _triton_kernel():
     return triton_attention if triton_attention.available() else None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False,
+              causal: bool = False) -> torch.Tensor:
     """Multi-head attention. q: (B, Nq, heads*d), k and v: (B, Nk, heads*d) -> (B, Nq, heads*d).
 
-    `upcast` computes in fp32 and casts back (SD 2's `upcast_attention`); in fp32 it changes nothing."""
-    backend = attention_backend()
+    `upcast` computes in fp32 and casts back (SD 2's `upcast_attention`); in fp32 it changes nothing.
+    `causal` (the text encoder's mask) is always served by torch: 77 tokens, nothing to fuse."""
+    backend = "torch" if causal else attention_backend()
     if backend != "torch":
         kernel = _triton_kernel()
         usable = kernel is not None and kernel.supports(q, k, v, heads)
@@ -69,5 +71,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return rearrange(out, "b h n d -> b n (h d)").to(dtype)

@@ -1,0 +1,166 @@
+"""Where weights come from: a diffusers-layout folder, a single original-layout file, or a hub id.
+
+    load_model("path/to/folder" | "model.safetensors" | "org/name", device, dtype) -> StableDiffusion
+
+Hub ids are resolved with huggingface_hub (only the files needed, cached where huggingface_hub
+caches), looking in the cache first; local paths never touch the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .clip import TextEncoder
+from .config import (PRESETS, ModelConfig, SchedulerConfig, TextEncoderConfig, TokenizerConfig, UNetConfig,
+                     VAEConfig)
+from .errors import ModelLoadError
+from .model_io import (build_module, read_component, read_json, read_state_dict, rename_state_dict,
+                       rename_text_encoder_key, rename_unet_key, rename_vae_key)
+from .tokenizer import Tokenizer
+from .unet import UNet
+from .vae import AutoencoderKL
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class StableDiffusion:
+    """The four parts of an SD checkpoint, ready to run, and the config they were built from."""
+    config: ModelConfig
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+    vae: AutoencoderKL
+    unet: UNet
+    source: str
+
+
+def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               variant: str | None = None, preset: str | None = None) -> StableDiffusion:
+    """Load a Stable Diffusion 1.x/2.x checkpoint.
+
+    `variant` picks e.g. the "fp16" files of a diffusers folder; `preset` ("sd1", "sd2-base",
+    "sd2-v") says what a single original-layout file is, when its weights cannot tell (SD 2
+    epsilon vs v-prediction)."""
+    source = str(path_or_id)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, device, dtype, variant, source)
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{path} is not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)}).")
+        return _load_single_file(path, device, dtype, preset, source)
+    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return _load_folder(resolve_hub_id(source, variant), device, dtype, variant, source)
+    raise ModelLoadError(f"{source} is neither an existing folder or file nor a hub id like "
+                         "'stable-diffusion-v1-5/stable-diffusion-v1-5'; check the path.")
+
+
+def _load_folder(folder: Path, device, dtype, variant, source: str) -> StableDiffusion:
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{folder} is not a complete diffusers-layout model: missing {', '.join(missing)}/ "
+                             f"(expected {', '.join(c + '/' for c in COMPONENTS)}).")
+    config = ModelConfig(
+        text_encoder=TextEncoderConfig.from_dict(read_json(folder / "text_encoder" / "config.json")),
+        vae=VAEConfig.from_dict(read_json(folder / "vae" / "config.json")),
+        unet=UNetConfig.from_dict(read_json(folder / "unet" / "config.json")),
+        scheduler=SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json")),
+    )
+    tokenizer = Tokenizer.from_folder(folder / "tokenizer")
+    config = replace(config, tokenizer=TokenizerConfig(max_length=tokenizer.max_length,
+                                                       pad_token=tokenizer.pad_token),
+                     resolution=config.unet.sample_size * config.vae.downsample_factor)
+    _check_widths(config)
+    weights = {
+        "text_encoder": rename_state_dict(read_component(folder / "text_encoder", variant), rename_text_encoder_key),
+        "vae": rename_state_dict(read_component(folder / "vae", variant), rename_vae_key),
+        "unet": rename_state_dict(read_component(folder / "unet", variant), rename_unet_key),
+    }
+    return _assemble(config, tokenizer, weights, device, dtype, source)
+
+
+def _load_single_file(path: Path, device, dtype, preset: str | None, source: str) -> StableDiffusion:
+    from .single_file import detect_original_architecture, infer_configs, split_original_checkpoint
+    state_dict = read_state_dict(path)
+    arch = detect_original_architecture(state_dict)
+    if preset is None:
+        if arch == "sd2":
+            raise ModelLoadError(f"{path.name} is an SD 2.x checkpoint, whose weights do not say whether it predicts "
+                                 "epsilon (512 px 'base') or v (768 px); pass preset='sd2-base' or preset='sd2-v'.")
+        preset = arch
+    if preset not in PRESETS:
+        raise ModelLoadError(f"unknown preset {preset!r}; use one of {', '.join(p for p in PRESETS if p != 'tiny')}.")
+    config = infer_configs(state_dict, PRESETS[preset])
+    weights = split_original_checkpoint(state_dict)
+    del state_dict
+    tokenizer = Tokenizer.default(pad_token=config.tokenizer.pad_token)
+    return _assemble(config, tokenizer, weights, device, dtype, source)
+
+
+def _check_widths(config: ModelConfig) -> None:
+    if config.unet.cross_attention_dim != config.text_encoder.width:
+        raise ModelLoadError(f"the UNet attends to {config.unet.cross_attention_dim}-wide text states but the text "
+                             f"encoder gives {config.text_encoder.width}: the components come from different models.")
+    if config.unet.in_channels != config.vae.latent_channels:
+        raise ModelLoadError("the UNet and the VAE disagree on the number of latent channels; "
+                             "the components come from different models.")
+
+
+def _assemble(config: ModelConfig, tokenizer: Tokenizer, weights: dict, device, dtype, source: str) -> StableDiffusion:
+    return StableDiffusion(
+        config=config,
+        tokenizer=tokenizer,
+        text_encoder=build_module(lambda: TextEncoder(config.text_encoder), weights.pop("text_encoder"),
+                                  "text encoder", dtype, device),
+        vae=build_module(lambda: AutoencoderKL(config.vae), weights.pop("vae"), "VAE", dtype, device),
+        unet=build_module(lambda: UNet(config.unet), weights.pop("unet"), "UNet", dtype, device),
+        source=source,
+    )
+
+
+def hub_patterns(variant: str | None, suffix: str) -> list[str]:
+    """Only the files a DiffEdit run needs (no safety checker, no feature extractor)."""
+    infix = f".{variant}" if variant else ""
+    return ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
+            "unet/config.json", "vae/config.json", "text_encoder/config.json",
+            f"unet/diffusion_pytorch_model{infix}{suffix}*", f"vae/diffusion_pytorch_model{infix}{suffix}*",
+            f"text_encoder/model{infix}{suffix}*", f"text_encoder/pytorch_model{infix}{suffix}*"]
+
+
+def resolve_hub_id(repo_id: str, variant: str | None = None) -> Path:
+    """The local snapshot of a hub model: the cache if it holds it, else a download of only the
+    needed files (safetensors, or .bin where a repository has no safetensors)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    def complete(folder: Path) -> bool:
+        return all(any((folder / c).glob("*.safetensors")) or any((folder / c).glob("*.bin"))
+                   for c in ("unet", "vae", "text_encoder"))
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=hub_patterns(variant, ".safetensors"),
+                                        local_files_only=True))
+        if complete(folder):
+            return folder
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=hub_patterns(variant, ".safetensors")))
+        if not complete(folder):
+            folder = Path(snapshot_download(repo_id, allow_patterns=hub_patterns(variant, ".bin")))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise ModelLoadError(
+            f"cannot get '{repo_id}': it is not in the Hugging Face cache and the hub cannot be reached "
+            f"({type(e).__name__}); on a machine with network run `hf download {repo_id}` (same HF_HOME), "
+            "or pass the path of a local copy.") from None
+    if not complete(folder):
+        raise ModelLoadError(f"'{repo_id}' has no unet/vae/text_encoder weights in diffusers layout; "
+                             "pass the path of a single-file checkpoint instead.")
+    return folder

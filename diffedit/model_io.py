@@ -1,0 +1,234 @@
+"""Reading checkpoints safely and leanly, renaming their keys, and loading them strictly.
+
+- Files: `.safetensors` first; `.bin` / `.ckpt` only through `torch.load(weights_only=True)`, so
+  a pickle that asks to run code is refused (UnsafeCheckpointError) before anything runs.
+- Lean: modules are built on the meta device (no memory), and each checkpoint tensor is moved
+  into place (`load_state_dict(assign=True)`) one by one, cast to the requested dtype on the way:
+  the weights are never held twice.
+- Strict: every checkpoint tensor consumed, every parameter filled, every shape right, or one
+  error that lists what is missing, unexpected or of the wrong shape.
+- Renames are small pure functions of one key (diffusers/transformers layout -> ours).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import ModelLoadError, UnsafeCheckpointError
+
+StateDict = dict  # key -> torch.Tensor, or LazyTensor (safetensors, read on load)
+
+
+# ---------------------------------------------------------------- key renames (pure functions)
+
+def rename_text_encoder_key(key: str) -> str | None:
+    """transformers' CLIPTextModel -> ours: drop the `text_model.` and `encoder.` levels; the
+    `position_ids` buffer some checkpoints carry is not a weight (None = drop)."""
+    if key.endswith("position_ids"):
+        return None
+    return re.sub(r"^(text_model\.)?(encoder\.)?", "", key)
+
+
+_VAE_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def rename_vae_key(key: str) -> str:
+    """Old diffusers VAE attention names (query/key/value/proj_attn) -> to_q/to_k/to_v/to_out.0."""
+    m = re.match(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$", key)
+    return f"{m[1]}{_VAE_LEGACY_ATTENTION[m[2]]}.{m[3]}" if m else key
+
+
+def rename_unet_key(key: str) -> str:
+    return key
+
+
+def rename_state_dict(state_dict: StateDict, rename: Callable[[str], str | None]) -> StateDict:
+    renamed = {}
+    for key, tensor in state_dict.items():
+        new = rename(key)
+        if new is not None:
+            renamed[new] = tensor
+    return renamed
+
+
+# ---------------------------------------------------------------- reading files
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class LazyTensor:
+    """One tensor of a safetensors file, read only when `load()` is called: a checkpoint can be
+    checked key by key and shape by shape before any weight is read."""
+
+    def __init__(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, torch.Size(shape)
+
+    def load(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read straight into a fresh tensor (no mmap, no intermediate copy), then cast."""
+        tensor = torch.empty(self.shape, dtype=self.dtype)
+        if tensor.numel():
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                f.readinto(tensor.view(-1).view(torch.uint8).numpy())
+        return tensor if dtype is None or dtype == self.dtype else tensor.to(dtype)
+
+
+def read_safetensors(path: Path) -> dict[str, LazyTensor]:
+    """The index of a safetensors file (format: u64 header length, JSON header, raw data),
+    validated against the file size so a truncated or corrupt download is caught up front."""
+    size = path.stat().st_size
+    bad = f"{path} is not a valid safetensors file"
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 2 <= header_len <= min(size - 8, 100_000_000):
+                raise ModelLoadError(f"{bad} (bad header length: corrupt or truncated); download it again.")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelLoadError(f"{bad} (unreadable header: corrupt or truncated); download it again.") from None
+    start, tensors = 8 + header_len, {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{bad} (entry {key!r} is malformed); download it again.") from None
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if end - begin != nbytes or begin < 0:
+            raise ModelLoadError(f"{bad} (entry {key!r} has inconsistent offsets); download it again.")
+        if start + end > size:
+            raise ModelLoadError(f"{path} is truncated ({size:,} bytes, its header needs {start + end:,}); "
+                                 "download it again.")
+        tensors[key] = LazyTensor(path, start + begin, dtype, shape)
+    return tensors
+
+
+def read_state_dict(path: str | Path, lazy: bool = False) -> StateDict:
+    """All tensors of one checkpoint file (.safetensors, .bin, .ckpt, .pt, .pth), on the CPU.
+    With lazy=True a safetensors file gives LazyTensors, read when loaded into a module."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file {path} does not exist; check the path.")
+    if path.suffix == ".safetensors":
+        index = read_safetensors(path)
+        return index if lazy else {k: t.load() for k, t in index.items()}
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> StateDict:
+    try:
+        try:  # mmap keeps the file out of RAM until used; old (non-zip) pickles cannot be mapped
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path} is a pickle that asks to run code or build objects other than tensors "
+            f"({_first_line(e, 'refused')}); it was refused and nothing was executed: use a .safetensors "
+            "file, or convert this one only if you trust its source.") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError) as e:
+        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated: "
+                             f"{_first_line(e)}); download it again.") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]  # Lightning-style wrapper of the original SD checkpoints
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a {type(data).__name__}, not a dictionary of tensors.")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def _first_line(e: BaseException, default: str = "") -> str:
+    text = str(e).strip().splitlines()
+    return (text[0][:160] if text else default) or type(e).__name__
+
+
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def find_weights(folder: Path, variant: str | None = None) -> list[Path]:
+    """The weight file(s) of one diffusers/transformers component folder, safetensors first;
+    sharded checkpoints (`*.index.json`) give all their shards."""
+    infix = f".{variant}" if variant else ""
+    for suffix in (".safetensors", ".bin"):
+        for name in WEIGHT_NAMES:
+            single = folder / f"{name}{infix}{suffix}"
+            if single.is_file():
+                return [single]
+            index = folder / f"{name}{infix}{suffix}.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                return [folder / s for s in shards]
+    if variant:
+        hint = f" (no '{variant}' variant: try without variant)" if find_weights(folder) else ""
+    else:
+        hint = ""
+    raise ModelLoadError(f"no weights in {folder}{hint}; expected diffusion_pytorch_model.safetensors, "
+                         "model.safetensors or a .bin of the same name.")
+
+
+def read_component(folder: Path, variant: str | None = None) -> StateDict:
+    """The (lazy, for safetensors) state dict of one component folder."""
+    state_dict: StateDict = {}
+    for file in find_weights(folder, variant):
+        state_dict.update(read_state_dict(file, lazy=True))
+    return state_dict
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; a diffusers-layout model folder needs it.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); restore the file.") from None
+
+
+# ---------------------------------------------------------------- strict, lean loading
+
+def check_state_dict(module: nn.Module, state_dict: StateDict, name: str) -> None:
+    """Raise one error listing missing keys, unexpected keys and shape mismatches."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(f"{k} {tuple(state_dict[k].shape)} (expected {expected[k]})"
+                   for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = ", ".join(items[:4]) + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
+                parts.append(f"{label}: {shown}")
+        raise ModelLoadError(f"the {name} weights do not fit its config ({'; '.join(parts)}); "
+                             "the checkpoint is of another architecture or the config is wrong.")
+
+
+def build_module(factory: Callable[[], nn.Module], state_dict: StateDict, name: str,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """Build a module without allocating memory, check the state dict strictly, then move the
+    tensors into place, cast to `dtype` one by one while `state_dict` empties: the weights are
+    never held twice (a tensor already of the right dtype and device is used as it is)."""
+    with torch.device("meta"):
+        module = factory()
+    check_state_dict(module, state_dict, name)
+    cast = {}
+    for key in list(state_dict):
+        tensor = state_dict.pop(key)
+        target = dtype if tensor.dtype.is_floating_point else tensor.dtype
+        tensor = tensor.load(target) if isinstance(tensor, LazyTensor) else tensor
+        cast[key] = tensor.to(device=device, dtype=target)
+    module.load_state_dict(cast, strict=True, assign=True)
+    return module.eval().requires_grad_(False)

@@ -1,0 +1,296 @@
+"""The text-conditioned UNet of Stable Diffusion 1.x / 2.x (Rombach et al. 2022, the LDM UNet).
+
+    latents (B, 4, h, w), timestep, text hidden states (B, 77, D)  ->  eps or v (B, 4, h, w)
+
+conv_in -> down levels (ResNet blocks, spatial transformers, stride-2 convs) -> middle
+(ResNet, transformer, ResNet) -> up levels (ResNet blocks on [x, skip], transformers, 2x
+nearest upsampling + conv) -> GroupNorm, SiLU, conv_out. Every ResNet block receives the
+timestep embedding; every transformer block attends to itself and then to the text.
+
+Parameter names are those of diffusers' `UNet2DConditionModel`, the layout SD checkpoints ship
+in, so a diffusers folder loads without renaming (original single files: see single_file.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .attention import attention
+from .config import UNetConfig
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, and a skip (1x1 conv if
+    the width changes). The VAE uses it too, without a timestep (time_dim=None)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float, time_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(time_dim, out_channels) if time_dim else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(t_emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample(nn.Module):
+    """A stride-2 3x3 conv. The VAE pads right/bottom only (padding=0 plus F.pad), the UNet pads 1."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling (to `size`, or 2x) followed by a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            size = (2 * x.shape[-2], 2 * x.shape[-1])
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of the transformer blocks: self-attention (context=None) or
+    cross-attention to the text hidden states."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
+        super().__init__()
+        self.heads, self.upcast = heads, upcast
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """The gated-GELU input projection of the feed-forward block (Shazeer 2020)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # net.1 is a dropout in the reference layout: no parameters, kept only so the indices match.
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward; residual each."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, projection in, transformer blocks over the h*w tokens, projection out, residual.
+    SD 1.x projects with 1x1 convs, SD 2.x with linear layers (the same map, another layout)."""
+
+    def __init__(self, channels: int, heads: int, config: UNetConfig):
+        super().__init__()
+        self.linear = config.use_linear_projection
+        self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
+        project = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.proj_in = project(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, heads, config.cross_attention_dim, config.upcast_attention)
+            for _ in range(config.transformer_layers_per_block))
+        self.proj_out = project(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        residual, x = x, self.norm(x)
+        if not self.linear:
+            x = self.proj_in(x)
+        x = rearrange(x, "b c h w -> b (h w) c")
+        if self.linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear:
+            x = self.proj_out(x)
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        if not self.linear:
+            x = self.proj_out(x)
+        return x + residual
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: int = 0) -> torch.Tensor:
+    """Sinusoidal embedding of the timestep (Vaswani et al. 2017; DDPM): (B,) -> (B, dim), fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    angles = t.float()[:, None] * freqs[None, :]
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, time_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, time_dim)
+        self.linear_2 = nn.Linear(time_dim, time_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class DownBlock(nn.Module):
+    """One resolution level of the encoder half: (ResNet [+ transformer]) x layers, then stride 2."""
+
+    def __init__(self, in_ch: int, out_ch: int, heads: int, cross: bool, downsample: bool, config: UNetConfig):
+        super().__init__()
+        n, groups, eps, tdim = config.layers_per_block, config.norm_num_groups, config.norm_eps, config.time_embed_dim
+        self.resnets = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, eps, tdim)
+                                     for i in range(n))
+        self.attentions = nn.ModuleList(SpatialTransformer(out_ch, heads, config) for _ in range(n)) if cross else None
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=1)]) if downsample else None
+
+    def forward(self, x, t_emb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, t_emb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """One resolution level of the decoder half: (ResNet on [x, skip] [+ transformer]) x (layers+1),
+    then 2x upsampling."""
+
+    def __init__(self, prev_ch: int, out_ch: int, skip_chs: list[int], heads: int, cross: bool, upsample: bool,
+                 config: UNetConfig):
+        super().__init__()
+        groups, eps, tdim = config.norm_num_groups, config.norm_eps, config.time_embed_dim
+        self.resnets = nn.ModuleList(ResnetBlock((prev_ch if i == 0 else out_ch) + skip, out_ch, groups, eps, tdim)
+                                     for i, skip in enumerate(skip_chs))
+        self.attentions = (nn.ModuleList(SpatialTransformer(out_ch, heads, config) for _ in skip_chs)
+                           if cross else None)
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
+
+    def forward(self, x, t_emb, context, skips: list[torch.Tensor], upsample_size) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), t_emb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, heads: int, config: UNetConfig):
+        super().__init__()
+        groups, eps, tdim = config.norm_num_groups, config.norm_eps, config.time_embed_dim
+        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, groups, eps, tdim) for _ in range(2))
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, config)])
+
+    def forward(self, x, t_emb, context) -> torch.Tensor:
+        x = self.resnets[0](x, t_emb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, t_emb)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        widths, levels = c.block_out_channels, len(c.block_out_channels)
+        assert len(c.heads) == levels and len(c.cross_attention) == levels, "one heads/cross entry per level"
+        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(widths[0], c.time_embed_dim)
+
+        self.down_blocks = nn.ModuleList()
+        skip_chs = [widths[0]]  # channels of every skip, in the order they are produced
+        for i, width in enumerate(widths):
+            last = i == levels - 1
+            self.down_blocks.append(DownBlock(widths[max(i - 1, 0)], width, c.heads[i], c.cross_attention[i],
+                                              not last, c))
+            skip_chs += [width] * (c.layers_per_block + (0 if last else 1))
+        self.mid_block = MidBlock(widths[-1], c.heads[-1], c)
+
+        self.up_blocks = nn.ModuleList()
+        prev = widths[-1]
+        for i, level in enumerate(reversed(range(levels))):
+            used = [skip_chs.pop() for _ in range(c.layers_per_block + 1)]
+            self.up_blocks.append(UpBlock(prev, widths[level], used, c.heads[level], c.cross_attention[level],
+                                          i < levels - 1, c))
+            prev = widths[level]
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], c.out_channels, 3, padding=1)
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, h, w), timestep (scalar or (B,)), text hidden states (B, L, D) -> (B, C, h, w)."""
+        c = self.config
+        t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
+        t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        t_emb = self.time_embedding(t_emb.to(latents.dtype))
+        context = encoder_hidden_states.to(latents.dtype)
+
+        x = self.conv_in(latents)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, t_emb, context)
+            skips += block_skips
+        x = self.mid_block(x, t_emb, context)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            # upsample to the size of the next level's skips, so odd latent sizes come back exactly
+            target = skips[-n - 1].shape[-2:] if len(skips) > n else None
+            x = block(x, t_emb, context, skips[-n:], target)
+            del skips[-n:]
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

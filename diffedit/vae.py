@@ -1,0 +1,162 @@
+"""The KL autoencoder of Stable Diffusion (Rombach et al. 2022, sec. 3.1).
+
+    image x in [-1, 1] (B, 3, H, W)  --encode-->  posterior N(mean, exp(logvar)) over z (B, 4, H/8, W/8)
+    z                                --decode-->  image in [-1, 1]
+
+Neither direction applies the scaling factor: the UNet works on z * config.scaling_factor, and
+the pipeline multiplies and divides where it hands latents over. Parameter names are those of
+diffusers' `AutoencoderKL`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .attention import attention
+from .config import VAEConfig
+from .unet import Downsample, ResnetBlock, Upsample
+
+EPS = 1e-6  # GroupNorm epsilon everywhere in the autoencoder
+
+
+class DiagonalGaussian:
+    """The posterior q(z|x): a Gaussian with diagonal covariance."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)  # as in the original LDM code
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
+                            device=generator.device if generator is not None else self.mean.device)
+        return self.mean + self.std * noise.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the h*w positions, with GroupNorm and a residual."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        tokens = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
+        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
+        return x + rearrange(self.to_out[0](out), "b (h w) c -> b c h w", h=h, w=w)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, with_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, groups, EPS) for _ in range(2))
+        self.attentions = nn.ModuleList([SelfAttention(channels, groups)]) if with_attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class EncoderLevel(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, EPS)
+                                     for i in range(layers))
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)]) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.downsamplers is None else self.downsamplers[0](x)
+
+
+class DecoderLevel(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, EPS)
+                                     for i in range(layers))
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.upsamplers is None else self.upsamplers[0](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        widths, groups = c.block_out_channels, c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            EncoderLevel(widths[max(i - 1, 0)], w, c.layers_per_block, groups, i < len(widths) - 1)
+            for i, w in enumerate(widths))
+        self.mid_block = MidBlock(widths[-1], groups, c.mid_block_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for level in self.down_blocks:
+            x = level(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        widths, groups = list(reversed(c.block_out_channels)), c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], groups, c.mid_block_attention)
+        self.up_blocks = nn.ModuleList(
+            DecoderLevel(widths[max(i - 1, 0)], w, c.layers_per_block + 1, groups, i < len(widths) - 1)
+            for i, w in enumerate(widths))
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(widths[-1], c.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for level in self.up_blocks:
+            x = level(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        latent = config.latent_channels
+        if config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        else:
+            self.quant_conv = self.post_quant_conv = None
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        """images in [-1, 1] (B, 3, H, W) -> the posterior over z (B, 4, H/8, W/8), unscaled."""
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled z (B, 4, h, w) -> images in (about) [-1, 1] (B, 3, 8h, 8w)."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)

@@ -1,0 +1,127 @@
+"""Random-weight Stable Diffusion models built with the REFERENCE libraries (diffusers,
+transformers), saved in diffusers layout: the oracles of the parity tests. Never imported by
+the library."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP_BPE = REPO / "weights" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+
+SD_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+
+# name -> (unet kwargs, vae kwargs, CLIPTextConfig kwargs, pad token, prediction type)
+ARCHITECTURES = {
+    "sd15": (
+        dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280)),
+        dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+             hidden_act="quick_gelu", projection_dim=768),
+        "<|endoftext|>", "epsilon"),
+    "sd21": (
+        dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+             upcast_attention=True, block_out_channels=(320, 640, 1280, 1280)),
+        dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=768,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+             hidden_act="gelu", projection_dim=512),
+        "!", "v_prediction"),
+    "tiny": (
+        dict(sample_size=8, cross_attention_dim=32, attention_head_dim=2, block_out_channels=(32, 64),
+             layers_per_block=1, norm_num_groups=8,
+             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16,
+             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             hidden_act="quick_gelu", projection_dim=32),
+        "<|endoftext|>", "epsilon"),
+    "tiny-v": (
+        dict(sample_size=8, cross_attention_dim=32, attention_head_dim=(2, 4), block_out_channels=(32, 64),
+             layers_per_block=1, norm_num_groups=8, use_linear_projection=True, upcast_attention=True,
+             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16,
+             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             hidden_act="gelu", projection_dim=32),
+        "!", "v_prediction"),
+}
+
+
+def clip_vocab_files(folder: Path) -> tuple[Path, Path]:
+    """vocab.json and merges.txt of OpenAI's CLIP BPE, built from the merges list shipped in weights/."""
+    lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")[1:48894 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    byte_chars = _bytes_to_unicode()
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's reversible map of the 256 byte values to printable characters (the order of
+    the first 256 vocabulary entries)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return [chars[b] for b in printable] + [chars[b] for b in range(256) if b not in printable]
+
+
+def perturb_(module: torch.nn.Module, seed: int) -> None:
+    """Give every parameter random structure, so that no layer (zero-initialised biases, unit
+    norms, zero out-projections) is trivially neutral."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            scale = p.detach().float().std().item() if p.numel() > 1 else 0.0
+            scale = scale if scale > 1e-6 else 0.05
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.3 * scale)
+
+
+def build_reference(arch: str, folder: Path, seed: int = 0, with_models: bool = False):
+    """Build `arch` with diffusers/transformers, random weights, save it in diffusers layout.
+    Returns (folder, (unet, vae, text_encoder) if with_models else None)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet_kw, vae_kw, clip_kw, pad, prediction = ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    vocab, merges = clip_vocab_files(folder / "_vocab")
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token=pad)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                 eos_token_id=49407, pad_token_id=1 if pad == "<|endoftext|>" else 0, **clip_kw)
+    text_encoder = CLIPTextModel(text_config).eval()
+    perturb_(text_encoder, seed + 1)
+    text_encoder.save_pretrained(folder / "text_encoder")
+    vae = AutoencoderKL(**vae_kw).eval()
+    perturb_(vae, seed + 2)
+    vae.save_pretrained(folder / "vae")
+    unet = UNet2DConditionModel(**unet_kw).eval()
+    perturb_(unet, seed + 3)
+    unet.save_pretrained(folder / "unet")
+    scheduler = DDIMScheduler.from_config({**SD_SCHEDULER, "prediction_type": prediction})
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    if not with_models:
+        del unet, vae, text_encoder
+        return folder, None
+    return folder, (unet, vae, text_encoder)
