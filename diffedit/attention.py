@@ -8,7 +8,8 @@ On CPU (and wherever the Triton kernel cannot serve) it is torch's
 - `backend` argument of `set_attention_backend` or the environment variable
   `DIFFEDIT_ATTENTION` = "auto" (default), "torch" or "triton";
 - "auto" takes Triton for CUDA tensors when it is importable, torch otherwise;
-- "triton" on a tensor or shape the kernel cannot serve raises instead of silently falling back.
+- "triton" on a tensor or shape the kernel cannot serve raises instead of silently falling back
+  (CPU tensors are served only under Triton's interpreter, TRITON_INTERPRET=1, for the tests).
 """
 
 from __future__ import annotations
@@ -58,15 +59,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     `upcast` computes in fp32 and casts back (SD 2's `upcast_attention`); in fp32 it changes nothing.
     `causal` (the text encoder's mask) is always served by torch: 77 tokens, nothing to fuse."""
     backend = "torch" if causal else attention_backend()
-    if backend != "torch":
+    if backend == "triton" or (backend == "auto" and q.is_cuda):  # CPU "auto" never imports Triton
         kernel = _triton_kernel()
-        usable = kernel is not None and kernel.supports(q, k, v, heads)
-        if backend == "triton" and not usable:
+        if kernel is not None and kernel.supports(q, k, v, heads):
+            return kernel.attention(q, k, v, heads=heads, upcast=upcast)
+        if backend == "triton":
             raise ParameterError("the Triton attention kernel cannot serve these tensors "
                                  f"(device {q.device.type}, dtype {q.dtype}, head dim {q.shape[-1] // heads}); "
                                  "set DIFFEDIT_ATTENTION=torch or auto.")
-        if usable and (backend == "triton" or q.is_cuda):
-            return kernel.attention(q, k, v, heads=heads, upcast=upcast)
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()

@@ -17,11 +17,19 @@ then per image b, independently of the other images of the batch:
     mask = soft > threshold     (0.5 by default in both modes)
 
 A map that is zero everywhere (source equal to target) gives a soft map and a mask of zeros.
-This file is the torch path; `diffedit.kernels.mask_reduction` computes the same on CUDA.
+`mask_maps_torch` is the torch path; `diffedit.kernels.mask_reduction` computes the same on CUDA
+in one pass over the noise predictions. `mask_maps` chooses between them:
+
+- `backend` argument or the environment variable DIFFEDIT_MASK_KERNEL = "auto" (default),
+  "torch" or "triton";
+- "auto" takes the Triton kernel for CUDA tensors when Triton is importable, torch otherwise;
+- "triton" raises when the kernel cannot serve the tensors (CPU tensors only under Triton's
+  interpreter, TRITON_INTERPRET=1, for the tests).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +37,7 @@ import torch
 from .errors import ParameterError
 
 NORMALIZATIONS = ("paper", "mean_ratio")
+MASK_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -68,3 +77,48 @@ def mask_maps_torch(eps_target: torch.Tensor, eps_source: torch.Tensor, normaliz
     difference = noise_difference(eps_target, eps_source)
     soft = normalize_difference(difference, normalization, clamp_std, mean_ratio)
     return MaskMaps(difference=difference, soft=soft, mask=soft > threshold)
+
+
+def check_mask_inputs(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str) -> None:
+    """Raise ParameterError unless both are (B, n, C, h, w) of one shape and the normalization is known."""
+    if eps_target.dim() != 5 or eps_target.shape != eps_source.shape:
+        raise ParameterError("eps_target and eps_source must have the same shape (batch, samples, channels, "
+                             f"height, width), not {tuple(eps_target.shape)} and {tuple(eps_source.shape)}.")
+    if normalization not in NORMALIZATIONS:
+        raise ParameterError(f"unknown mask normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
+
+
+def mask_backend(backend: str | None = None) -> str:
+    """The backend asked for: the argument, else DIFFEDIT_MASK_KERNEL, else "auto"."""
+    name = backend if backend is not None else os.environ.get("DIFFEDIT_MASK_KERNEL", "auto")
+    name = name.strip().lower() or "auto"
+    if name not in MASK_BACKENDS:
+        source = "mask backend" if backend is not None else "DIFFEDIT_MASK_KERNEL"
+        raise ParameterError(f"{source} {name!r} is not a backend; use one of {', '.join(MASK_BACKENDS)}.")
+    return name
+
+
+def _triton_mask_kernel():
+    """The Triton mask reduction module, or None when Triton cannot be imported or run."""
+    try:
+        from .kernels import mask_reduction
+    except ImportError:
+        return None
+    return mask_reduction if mask_reduction.available() else None
+
+
+def mask_maps(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str = "paper",
+              threshold: float = 0.5, clamp_std: float = 3.0, mean_ratio: float = 3.0,
+              backend: str | None = None) -> MaskMaps:
+    """DiffEdit's mask from noise predictions (B, n, C, h, w): the Triton kernel or the torch path."""
+    check_mask_inputs(eps_target, eps_source, normalization)
+    choice = mask_backend(backend)
+    if choice == "triton" or (choice == "auto" and eps_target.is_cuda):  # CPU "auto" never imports Triton
+        kernel = _triton_mask_kernel()
+        if kernel is not None and kernel.supports(eps_target, eps_source):
+            return kernel.mask_maps(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio)
+        if choice == "triton":
+            raise ParameterError(f"the Triton mask kernel cannot serve {eps_target.dtype} tensors on "
+                                 f"{eps_target.device} (it needs Triton and a CUDA device); "
+                                 "use backend='torch' or DIFFEDIT_MASK_KERNEL=auto.")
+    return mask_maps_torch(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio)
