@@ -1,0 +1,342 @@
+"""Figures from a sweep folder (or from a MaskResult): PNG files written atomically.
+
+    image_grid(sweep_dir, column="strength")       rows = items, columns = values of a swept axis
+    mask_overlays(sweep_dir)                       input | soft map | mask | ground truth | edit
+    difference_maps(mask_result_or_sweep_dir)      |eps_target - eps_source| of each noise sample,
+                                                   their mean, the normalised map and the mask
+    tradeoff_curve(sweep_dir, x="success", y="bg_psnr_gt", along="strength")
+                                                   metric against metric along r (the paper's
+                                                   trade-off plots), one curve per value of `by`
+
+Every figure is exactly the pixel size its docstring states. Matplotlib is an optional extra
+(pip install 'diffedit-sd[plots]'), imported only when a figure is drawn; figures overwrite
+their file by default, as they are rebuilt from the sweep's table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import DiffEditError, ParameterError
+from .image_io import atomic_write, mask_to_pil, overlay_mask
+from .sweep import AXES, ITEMS_NAME, read_rows
+
+DPI = 100
+HEADER = 20          # pixels above the first row of panels, for the column titles
+
+
+class PlotsUnavailableError(DiffEditError, ImportError):
+    """matplotlib, needed for figures, is not installed."""
+
+
+def _figure(width: int, height: int):
+    """A matplotlib Figure of exactly width x height pixels, without pyplot's global state."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotsUnavailableError("figures need matplotlib, an optional extra; install it with "
+                                    "pip install 'diffedit-sd[plots]' (or pip install matplotlib).") from None
+    return Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+
+
+def _save(fig, path: Path, overwrite: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI), overwrite=overwrite)
+
+
+def _panel(fig, col: int, row: int, cell: int, width: int, height: int, header: int = HEADER):
+    """Axes filling grid cell (col, row) below the header band, with a 2-pixel margin."""
+    left, top = col * cell + 2, header + row * cell + 2
+    ax = fig.add_axes([left / width, 1 - (top + cell - 4) / height, (cell - 4) / width, (cell - 4) / height])
+    ax.set_axis_off()
+    return ax
+
+
+def _title(fig, text: str, col: int, cell: int, width: int, height: int) -> None:
+    fig.text((col + 0.5) * cell / width, 1 - HEADER / 2 / height, text, ha="center", va="center", fontsize=8)
+
+
+# ---------------------------------------------------------------------- reading a sweep
+
+def _load(sweep_dir: str | os.PathLike) -> tuple[Path, list[dict], list[dict]]:
+    folder = Path(sweep_dir).expanduser()
+    rows = read_rows(folder)
+    if not rows:
+        raise ParameterError(f"{folder} holds no sweep results (results.jsonl); run `diffedit sweep` there first.")
+    items = json.loads((folder / ITEMS_NAME).read_text(encoding="utf-8")) if (folder / ITEMS_NAME).is_file() else []
+    return folder, rows, items
+
+
+def _where(rows: list[dict], where: dict | None) -> list[dict]:
+    if not where:
+        return rows
+    unknown = [k for k in where if not any(k in r for r in rows)]
+    if unknown:
+        raise ParameterError(f"`where` names {unknown}, which are not columns of the sweep; use axes like "
+                             f"{', '.join(AXES)}.")
+    return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+
+
+def varying_axes(rows: list[dict]) -> dict[str, list]:
+    """Grid axes taking more than one value in `rows`, with their values in order of appearance."""
+    out = {}
+    for axis in AXES:
+        values = list(dict.fromkeys(r[axis] for r in rows if axis in r))
+        if len(values) > 1:
+            out[axis] = values
+    return out
+
+
+def _unique(rows: list[dict], field: str, what: str) -> dict:
+    """The one row of a cell (all rows of the cell must agree on `field`)."""
+    distinct = {json.dumps(r.get(field)) for r in rows}
+    if len(distinct) > 1:
+        axes = ", ".join(varying_axes(rows)) or "nothing"
+        raise ParameterError(f"{len(distinct)} different results fall in the cell of {what} ({axes} vary); "
+                             "fix those axes with where={axis: value}.")
+    return rows[0]
+
+
+def _sorted_values(values) -> list:
+    values = list(dict.fromkeys(values))
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)
+
+
+def _item_ids(rows: list[dict], items: list[dict], max_items: int | None) -> list[str]:
+    present = dict.fromkeys(r["item"] for r in rows)
+    order = [it["id"] for it in items if it["id"] in present] or list(present)
+    return order[:max_items] if max_items else order
+
+
+def _open(folder: Path, relative: str | None) -> Image.Image | None:
+    if not relative or not (folder / relative).is_file():
+        return None
+    with Image.open(folder / relative) as im:
+        return im.convert("RGB")
+
+
+def _default_out(folder: Path, name: str) -> Path:
+    return folder / "figures" / name
+
+
+# ---------------------------------------------------------------------- image grid
+
+def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, out=None, cell: int = 128,
+               max_items: int | None = 8, annotate: str | None = None, overwrite: bool = True) -> Path:
+    """Rows = items, first column the input, then one column per value of `column`. Size:
+    ((values + 1) * cell) x (HEADER + items * cell) pixels. `annotate` names a metric printed on
+    each edit (e.g. "bg_psnr_gt"). Other axes that vary must be fixed by `where`."""
+    folder, rows, items = _load(sweep_dir)
+    rows = [r for r in _where(rows, where) if r.get("image") and column in r]
+    if not rows:
+        raise ParameterError(f"no saved edit has a {column!r} setting (after `where`); check the column name "
+                             "and that the sweep saved images.")
+    values = _sorted_values(r[column] for r in rows)
+    ids = _item_ids(rows, items, max_items)
+    inputs = {it["id"]: it.get("input") for it in items}
+    width, height = (len(values) + 1) * cell, HEADER + len(ids) * cell
+    fig = _figure(width, height)
+    _title(fig, "input", 0, cell, width, height)
+    for c, v in enumerate(values, start=1):
+        _title(fig, f"{column} = {v}", c, cell, width, height)
+    for i, item in enumerate(ids):
+        picture = _open(folder, inputs.get(item))
+        ax = _panel(fig, 0, i, cell, width, height)
+        if picture is not None:
+            ax.imshow(picture)
+        ax.text(2, 2, item, fontsize=6, va="top", color="white", backgroundcolor="black")
+        for c, v in enumerate(values, start=1):
+            cell_rows = [r for r in rows if r["item"] == item and r[column] == v]
+            ax = _panel(fig, c, i, cell, width, height)
+            if not cell_rows:
+                continue
+            row = _unique(cell_rows, "image", f"item {item}, {column} = {v}")
+            ax.imshow(_open(folder, row["image"]))
+            if annotate and row.get(annotate) is not None:
+                value = row[annotate]
+                text = f"{annotate} {value:.3g}" if isinstance(value, float) else f"{annotate} {value}"
+                ax.text(2, 2, text, fontsize=6, va="top", color="white", backgroundcolor="black")
+    return _save(fig, Path(out) if out else _default_out(folder, f"grid-{column}.png"), overwrite)
+
+
+# ---------------------------------------------------------------------- masks
+
+def mask_overlays(sweep_dir, where: dict | None = None, out=None, cell: int = 128, max_items: int | None = 8,
+                  overwrite: bool = True) -> Path:
+    """Per item: input | soft map | predicted mask over the input | ground truth over the input |
+    edit (of the first run with that mask). Size: (5 * cell) x (HEADER + items * cell) pixels.
+    The mask settings (threshold, samples, noise strength, steps, seed) that vary must be fixed
+    by `where`."""
+    folder, rows, items = _load(sweep_dir)
+    rows = [r for r in _where(rows, where) if r.get("mask_file")]
+    if not rows:
+        raise ParameterError(f"no run of {folder} saved a mask (ablations no_mask and sdedit have none); "
+                             "sweep with ablation 'none' or 'no_encode' and save_images true.")
+    ids = _item_ids(rows, items, max_items)
+    info = {it["id"]: it for it in items}
+    width, height = 5 * cell, HEADER + len(ids) * cell
+    fig = _figure(width, height)
+    for c, title in enumerate(("input", "soft map", "mask", "ground truth", "edit")):
+        _title(fig, title, c, cell, width, height)
+    for i, item in enumerate(ids):
+        item_rows = [r for r in rows if r["item"] == item]
+        mask_row = _unique([{"m": (r["mask_file"], r["threshold"]), **r} for r in item_rows], "m", f"item {item}")
+        picture = _open(folder, info.get(item, {}).get("input"))
+        soft = np.load(folder / mask_row["mask_file"])["soft"]
+        size = picture.size if picture is not None else tuple(info.get(item, {}).get("size", soft.shape[::-1]))
+        mask = mask_to_pil(soft, size, threshold=mask_row["threshold"])
+        panels = [picture, np.asarray(mask_to_pil(soft, size)), None, None, None]
+        if picture is not None:
+            panels[2] = overlay_mask(picture, mask)
+            gt = _open(folder, info.get(item, {}).get("gt_mask"))
+            panels[3] = overlay_mask(picture, gt.convert("L"), colour=(0, 200, 0)) if gt is not None else None
+        panels[4] = _open(folder, mask_row.get("image"))
+        for c, p in enumerate(panels):
+            ax = _panel(fig, c, i, cell, width, height)
+            if p is not None:
+                ax.imshow(p, cmap="magma" if c == 1 else None, vmin=0, vmax=255)
+        label = f"{item}  thr {mask_row['threshold']}  (edit: r {mask_row['strength']}, {mask_row['ablation']})"
+        fig.text(2 / width, 1 - (HEADER + i * cell + 10) / height, label,
+                 fontsize=6, color="white", backgroundcolor="black")
+    return _save(fig, Path(out) if out else _default_out(folder, "masks.png"), overwrite)
+
+
+def difference_maps(source: Any, out=None, item: str | None = None, where: dict | None = None,
+                    threshold: float | None = None, image: Image.Image | None = None, index: int = 0,
+                    cell: int = 96, overwrite: bool = True) -> Path:
+    """The noise-difference map of each of the n mask samples (one colour scale), their mean, the
+    normalised map and the mask, from a MaskResult (`index` picks the image), a saved .npz, or a
+    sweep folder (with `item`, and `where` when several masks exist). Size:
+    ((n + 3 + has_input) * cell) x (HEADER + cell) pixels."""
+    per_sample, difference, soft, threshold, image, default = _mask_arrays(source, item, where, threshold, image, index)
+    if out is None and default is None:
+        raise ParameterError("give `out`, the PNG path of the figure (there is no sweep folder to put it in).")
+    n = per_sample.shape[0]
+    first = 1 if image is not None else 0
+    width, height = (n + 3 + first) * cell, HEADER + cell
+    fig = _figure(width, height)
+    vmax = float(per_sample.max()) or 1.0
+    panels = [(f"sample {k + 1}", per_sample[k], 0.0, vmax) for k in range(n)]
+    panels += [("mean |diff|", difference, 0.0, float(difference.max()) or 1.0), ("normalised", soft, 0.0, 1.0),
+               (f"mask > {threshold}", (soft > threshold).astype(np.float32), 0.0, 1.0)]
+    if image is not None:
+        _title(fig, "input", 0, cell, width, height)
+        _panel(fig, 0, 0, cell, width, height).imshow(image)
+    for c, (title, data, lo, hi) in enumerate(panels, start=first):
+        _title(fig, title, c, cell, width, height)
+        _panel(fig, c, 0, cell, width, height).imshow(data, cmap="magma", vmin=lo, vmax=hi, interpolation="nearest")
+    return _save(fig, Path(out) if out else default, overwrite)
+
+
+def _mask_arrays(source, item, where, threshold, image, index):
+    """(per_sample (n, h, w), difference, soft, threshold, input image or None, default out path or None)."""
+    from .results import MaskResult
+    if isinstance(source, MaskResult):
+        inputs = source.encoded.inputs if source.encoded is not None else None
+        picture = image if image is not None else (inputs[index] if inputs else None)
+        threshold = source.threshold if threshold is None else threshold
+        return (source.per_sample[index].cpu().numpy(), source.difference[index].cpu().numpy(),
+                source.soft[index].cpu().numpy(), threshold, picture, None)
+    path = Path(source).expanduser()
+    default = None
+    if path.is_dir():
+        folder, rows, items = _load(path)
+        rows = [r for r in _where(rows, where) if r.get("mask_file") and (item is None or r["item"] == item)]
+        if item is None or not rows:
+            names = ", ".join(dict.fromkeys(r["item"] for r in read_rows(folder)))
+            raise ParameterError(f"name the `item` whose masks to draw (one of {names}); "
+                                 "only runs with a mask have difference maps.")
+        row = _unique([{"m": r["mask_file"], **r} for r in rows], "m", f"item {item}")
+        threshold = row["threshold"] if threshold is None else threshold
+        if image is None:
+            entry = next((it for it in items if it["id"] == item), {})
+            image = _open(folder, entry.get("input"))
+        path, default = folder / row["mask_file"], _default_out(folder, f"differences-{item}.png")
+    if not path.is_file():
+        raise ParameterError(f"{path} is neither a sweep folder nor a saved mask (.npz); check the path.")
+    data = np.load(path)
+    return data["per_sample"], data["difference"], data["soft"], 0.5 if threshold is None else threshold, image, default
+
+
+# ---------------------------------------------------------------------- trade-off curves
+
+def tradeoff_table(rows: list[dict], x: str, y: str, along: str = "strength", by: str | None = None,
+                   where: dict | None = None) -> list[dict]:
+    """Means of metrics x and y over the rows of each (by value, along value), over rows where
+    both are defined (booleans count as 0/1): [{group, along, x, y, count}], sorted by along."""
+    rows = [r for r in _where(rows, where) if r.get(x) is not None and r.get(y) is not None and along in r]
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r.get(by) if by else None, r[along]), []).append(r)
+    table = [{"group": g, "along": a, "x": float(np.mean([float(r[x]) for r in rs])),
+              "y": float(np.mean([float(r[y]) for r in rs])), "count": len(rs)} for (g, a), rs in cells.items()]
+    return sorted(table, key=lambda t: (str(t["group"]), t["along"]))
+
+
+def tradeoff_curve(sweep_dir, x: str = "success", y: str = "bg_psnr_gt", along: str = "strength",
+                   by: str | None = None, where: dict | None = None, out=None, size: tuple[int, int] = (640, 480),
+                   overwrite: bool = True) -> Path:
+    """Mean metric y against mean metric x, one point per value of `along` (labelled), one curve
+    per value of `by` (e.g. "ablation"). Size: `size` pixels. Other axes that vary should be fixed
+    by `where`, or their runs are averaged together."""
+    folder, rows, _ = _load(sweep_dir)
+    table = tradeoff_table(rows, x, y, along, by, where)
+    if not table:
+        raise ParameterError(f"no run has both {x!r} and {y!r}; pick metrics that are columns of "
+                             f"{folder / 'results.csv'}.")
+    fig = _figure(*size)
+    ax = fig.add_axes([0.12, 0.12, 0.83, 0.8])
+    for group in dict.fromkeys(t["group"] for t in table):
+        points = [t for t in table if t["group"] == group]
+        ax.plot([t["x"] for t in points], [t["y"] for t in points], marker="o",
+                label=f"{by} = {group}" if by else None)
+        for t in points:
+            ax.annotate(f"{'r' if along == 'strength' else along}={t['along']}", (t["x"], t["y"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+    if by:
+        ax.legend(fontsize=8)
+    ax.set_title(f"{y} vs {x} along {along}", fontsize=9)
+    return _save(fig, Path(out) if out else _default_out(folder, f"tradeoff-{y}-vs-{x}.png"), overwrite)
+
+
+# ---------------------------------------------------------------------- defaults for the CLI
+
+GRID_PREFERENCE = ("strength", "threshold", "guidance_scale", "mask_samples", "ablation", "blend",
+                   "mask_noise_strength", "num_inference_steps", "seed")
+
+
+def sweep_figures(sweep_dir) -> list[Path]:
+    """The figures `diffedit sweep --figures` draws: an image grid along the first swept axis (in
+    GRID_PREFERENCE order), the other axes at their first value; the masks; and, when r is swept,
+    the trade-off of background PSNR against success (or mask IoU)."""
+    folder, rows, _ = _load(sweep_dir)
+    varying = varying_axes(rows)
+    paths = []
+    column = next((a for a in GRID_PREFERENCE if a in varying), "strength")
+    if any(r.get("image") for r in rows):
+        paths.append(image_grid(folder, column, where={a: v[0] for a, v in varying.items() if a != column}))
+        if any(r.get("mask_file") for r in rows):
+            fixed = {a: v[0] for a, v in varying.items() if a in ("threshold", "mask_samples", "mask_noise_strength",
+                                                                 "num_inference_steps", "seed")}
+            paths.append(mask_overlays(folder, where=fixed))
+    if "strength" in varying:
+        columns = set().union(*rows)
+        y = "bg_psnr_gt" if "bg_psnr_gt" in columns else "bg_psnr_mask"
+        x = "success" if "success" in columns else "mask_iou"
+        by = "ablation" if "ablation" in varying else None
+        where = {a: v[0] for a, v in varying.items() if a not in ("strength", by)}
+        if {x, y} <= columns:
+            paths.append(tradeoff_curve(folder, x, y, "strength", by, where))
+    return paths

@@ -1,0 +1,178 @@
+"""Output files that are never partial and never clobber what they must not.
+
+    atomic_write(path, write_fn, overwrite=False, protected=[input])   # bytes through write_fn(f)
+    atomic_write_text(path, text, ...)                                 # CSV, JSON, ...
+    check_output(path, overwrite=False, protected=[input])             # the same refusals, up front
+
+A write goes to a temporary `.NAME.tmp-PID-XXXXXXXX` in the target's folder (hidden, and not
+ending in an image suffix, so a glob for outputs never picks it up), is fsynced, then renamed
+onto NAME (a hard link when overwriting is not allowed: a file created meanwhile is never
+clobbered). NAME is never partial; a writer killed mid-write leaves at most that dot-file, which
+the next write to NAME deletes once the process that made it is gone.
+
+Refusals (OutputFileError, one sentence): the folder is missing, not a folder or not writable;
+the target is one of the `protected` inputs (also through a symlink or hard link); the target is
+a folder; the target exists and `overwrite` is False.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import DiffEditError, OutputFileError
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format name for an output path, from its suffix (.png, .jpg/.jpeg, .webp)."""
+    path = Path(path)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputFileError(f"cannot tell the image format of {path} from its suffix {path.suffix or '(none)'!r}; "
+                              "end the name with .png, .jpg, .jpeg or .webp.")
+    return fmt
+
+
+def is_temp_file(name: str | os.PathLike) -> bool:
+    """True for the temporary files of `atomic_write` (`.NAME.tmp-PID-XXXXXXXX`)."""
+    return TEMP_NAME.match(Path(name).name) is not None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False,
+                      protected: Iterable[str | os.PathLike] = (), encoding: str = "utf-8") -> Path:
+    """Write text (CSV, JSON, ...) atomically."""
+    data = text.encode(encoding)
+    return atomic_write(path, lambda f: f.write(data), overwrite=overwrite, protected=protected)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], Any], *, overwrite: bool = False,
+                 protected: Iterable[str | os.PathLike] = ()) -> Path:
+    """Call write_fn(f) with a binary file opened on a temporary file next to `path`, fsync it,
+    then move it onto `path`. On any failure (KeyboardInterrupt included) the temporary file is
+    removed and `path` is untouched. Refuses to overwrite an existing file unless `overwrite`,
+    and always refuses a path that is (or links to) one of `protected`."""
+    path = Path(path).expanduser()
+    folder = path.parent
+    check_output(path, overwrite=overwrite, protected=protected)
+    _remove_stale_temps(folder, path.name)
+    temp = folder / f"{_temp_prefix(path.name)}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise OutputFileError(f"cannot create a file in the output folder {folder} ({_reason(e)}); "
+                              "choose another folder or fix its permissions.") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(temp, path, overwrite)
+    except BaseException as e:
+        with suppress(OSError):
+            os.unlink(temp)
+        if isinstance(e, OSError) and not isinstance(e, DiffEditError):
+            raise OutputFileError(f"could not write {path} ({_reason(e)}); check free disk space "
+                                  "and permissions.") from e
+        raise
+    _fsync_folder(folder)
+    return path
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool = False,
+                 protected: Iterable[str | os.PathLike] = ()) -> Path:
+    """Raise OutputFileError if `atomic_write` would refuse `path`; call it before long work."""
+    path = Path(path).expanduser()
+    folder = path.parent
+    if not folder.exists():
+        raise OutputFileError(f"the output folder {folder} does not exist; create it first.")
+    if not folder.is_dir():
+        raise OutputFileError(f"{folder} is not a folder; choose an output path inside a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputFileError(f"the output folder {folder} is not writable; choose another folder or fix "
+                              "its permissions.")
+    for source in protected:
+        if _same_file(path, Path(source).expanduser()):
+            raise OutputFileError(f"{path} is one of the inputs ({source}); choose another output name.")
+    if path.is_dir():
+        raise OutputFileError(f"{path} is a folder; give a file name for the output.")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputFileError(f"{path} already exists; pass overwrite=True (--overwrite) or choose another name.")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file by inode (symlinks, hard links) when both exist, else by resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        try:
+            return a.resolve() == b.resolve()
+        except (OSError, RuntimeError):
+            return False
+
+
+def _publish(temp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished temp onto path. Without overwrite, a hard link fails if path appeared
+    since the check (no clobbering); file systems without hard links fall back to a rename."""
+    if overwrite:
+        os.replace(temp, path)
+        return
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise OutputFileError(f"{path} was created by someone else while writing; choose another name.") from None
+    except OSError:
+        if os.path.lexists(path):
+            raise OutputFileError(f"{path} already exists; pass overwrite=True or choose another name.") from None
+        os.replace(temp, path)
+        return
+    with suppress(OSError):
+        os.unlink(temp)
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name[:200]}.tmp-"
+
+
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Delete `.NAME.tmp-PID-XXXXXXXX` files left by processes that no longer run."""
+    pattern = re.compile(re.escape(_temp_prefix(name)) + r"(\d+)-[0-9a-f]{8}")
+    with suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match and not _process_alive(int(match.group(1))):
+                with suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill would terminate it: keep the temp
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process, or not a pid: keep
+        pass
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (best effort: not every platform can open a folder)."""
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _reason(e: BaseException) -> str:
+    return (getattr(e, "strerror", None) or str(e) or type(e).__name__).rstrip(".")

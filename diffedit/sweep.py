@@ -1,0 +1,599 @@
+"""Sweeps: DiffEdit over a grid of settings and a set of (image, source, target) items, one row
+of settings, seeds, timings and metrics per run in results.jsonl (and results.csv).
+
+    diffedit sweep CONFIG [--out DIR]        or        run_sweep(config, out_dir)
+
+CONFIG (JSON; every key but "items" optional):
+
+    {"model": null,                               # a model path / hub id; null: the embedded model
+     "device": "cpu", "dtype": "fp32", "resolution": null,
+     "items": {"benchmark": "shapes", "count": 8}  # held-out synthetic edits, with ground truth
+           or {"folder": "DIR"},                   # DIR/manifest.json or .csv: image, source,
+                                                   #   target, optional gt_mask and id
+     "grid": {"strength": [0.5, 0.7, 0.9], "threshold": 0.5, ...},   # a list sweeps, a value fixes
+     "metrics": {"lpips": {"factory": "my.module:make_lpips", "weights": "/path/lpips.pth"}},
+     "save_images": true}
+
+Axes and defaults: see AXES. "ablation" is "none" (DiffEdit), "no_mask" (encode-decode),
+"no_encode" (mask, noised latents instead of encoded ones) or "sdedit" (neither).
+
+Work that does not change along an axis is done once:
+  - the mask's noise predictions, per (item, mask timestep, n, seed): the threshold re-applies to
+    the stored soft map, and the mask never depends on r, guidance, blend or the ablation;
+  - the DDIM inversion, per (item, steps), to the largest r still to run: it serves every r;
+  - the edit itself, for runs that differ only in axes their ablation ignores (a threshold with
+    no mask, the seed of a deterministic run).
+Every run is reproducible alone: the image of a row equals
+pipe(image, source, target, strength=r, ..., generator=torch.Generator().manual_seed(seed)).
+
+Outputs in the sweep folder: results.jsonl and results.csv (per run: the settings, item,
+mask_timestep, unet_samples, the metrics of diffedit.metrics that are defined for it -- bg_psnr_gt,
+bg_ssim_gt, gt_mask_area with a ground-truth mask; bg_psnr_mask, bg_ssim_mask, mask_area with a
+predicted mask; mask_iou with both; success, colour_ok, shape_ok on the shapes benchmark; user
+metrics -- the image and mask_file paths, time_*_s and cache_*), sweep.json (the config),
+items.json, images/ITEM/{input,gt_mask,DIGEST}.png and masks/ITEM/tT-nN-seedS.npz (soft,
+difference, per_sample: what figures.py draws).
+
+Resuming: rows whose key is in results.jsonl are skipped. Each row is appended as one complete
+line; a torn last line (a crash mid-write) is dropped and redone. results.csv is rebuilt from the
+JSONL whenever a sweep stops. Columns starting with time_ or cache_ depend on the order runs
+happened in; every other column is a function of the settings alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import metrics as M
+from .errors import OutputFileError, ParameterError
+from .image_io import atomic_write, atomic_write_text, load_image, mask_to_pil, save_image
+from .method import BLENDS
+
+AXES: dict[str, Any] = {          # canonical run order: the first axes vary slowest
+    "num_inference_steps": 50, "seed": 0, "mask_samples": 10, "mask_noise_strength": 0.5,
+    "threshold": 0.5, "strength": 0.8, "guidance_scale": 7.5, "blend": "paper", "ablation": "none"}
+ABLATIONS = {"none": (True, True), "no_mask": (True, False), "no_encode": (False, True), "sdedit": (False, False)}
+MASK_AXES = ("mask_samples", "mask_noise_strength", "threshold", "blend")   # ignored without a mask
+CONFIG_KEYS = ("model", "device", "dtype", "resolution", "items", "grid", "metrics", "save_images")
+IDENTITY_KEYS = ("model", "dtype", "resolution", "items", "metrics")        # must match to resume
+RUN_DEPENDENT = ("time_", "cache_")
+RESULTS, CSV_NAME, CONFIG_NAME, ITEMS_NAME = "results.jsonl", "results.csv", "sweep.json", "items.json"
+
+
+# ---------------------------------------------------------------------- config
+
+@dataclass
+class SweepConfig:
+    items: dict
+    grid: dict[str, list]
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+    resolution: int | None = None
+    metrics: dict = field(default_factory=dict)
+    save_images: bool = True
+
+    @classmethod
+    def parse(cls, config: "dict | str | os.PathLike | SweepConfig") -> "SweepConfig":
+        if isinstance(config, SweepConfig):
+            return config
+        if isinstance(config, (str, os.PathLike)):
+            path = Path(config).expanduser()
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except OSError as e:
+                raise ParameterError(f"cannot read the sweep config {path} ({e.strerror}); check the path.") from None
+            except json.JSONDecodeError as e:
+                raise ParameterError(f"the sweep config {path} is not valid JSON ({e.msg}, line {e.lineno}); "
+                                     "fix it.") from None
+        if not isinstance(config, dict):
+            raise ParameterError("a sweep config must be a JSON object with at least an 'items' entry.")
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise ParameterError(f"unknown sweep config keys {unknown}; use only {', '.join(CONFIG_KEYS)}.")
+        if "items" not in config:
+            raise ParameterError('the sweep config needs "items": {"benchmark": "shapes", "count": N} or '
+                                 '{"folder": DIR}.')
+        grid = config.get("grid") or {}
+        if not isinstance(grid, dict):
+            raise ParameterError('"grid" must be an object mapping axis names to a value or a list of values.')
+        bad = sorted(set(grid) - set(AXES))
+        if bad:
+            raise ParameterError(f"unknown grid axes {bad}; use {', '.join(AXES)}.")
+        values = {a: _as_list(grid.get(a, default), a) for a, default in AXES.items()}
+        cfg = cls(items=config["items"], grid=values, model=config.get("model"),
+                  device=config.get("device", "cpu"), dtype=config.get("dtype", "fp32"),
+                  resolution=config.get("resolution"), metrics=config.get("metrics") or {},
+                  save_images=bool(config.get("save_images", True)))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for axis, (ok, wanted) in AXIS_CHECKS.items():
+            for v in self.grid[axis]:
+                if not ok(v):
+                    raise ParameterError(f"grid axis {axis!r}: {v!r} is not {wanted}; fix the config.")
+        g = self.grid
+        for steps, r in itertools.product(g["num_inference_steps"], g["strength"]):
+            if int(steps * r) < 1:
+                raise ParameterError(f"strength {r} leaves no step out of {steps} (int(steps * r) = 0); "
+                                     "raise the strength or the number of steps.")
+        if not isinstance(self.metrics, dict) or not all(isinstance(v, dict) and {"factory", "weights"} <= set(v)
+                                                         for v in self.metrics.values()):
+            raise ParameterError('"metrics" must map names to {"factory": "module:function", "weights": PATH}.')
+
+    def identity(self) -> dict:
+        return {k: getattr(self, k) for k in IDENTITY_KEYS}
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in CONFIG_KEYS}
+
+
+def _as_list(value, axis: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ParameterError(f"the grid axis {axis!r} has no values; give at least one.")
+    if len(set(map(json.dumps, values))) != len(values):
+        raise ParameterError(f"the grid axis {axis!r} repeats a value ({values}); list each value once.")
+    return values
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+AXIS_CHECKS = {
+    "num_inference_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "mask_samples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "mask_noise_strength": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
+    "threshold": (lambda v: _is_num(v) and 0 <= v <= 1, "in [0, 1]"),
+    "strength": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
+    "guidance_scale": (lambda v: _is_num(v) and v >= 0, ">= 0"),
+    "blend": (lambda v: v in BLENDS, f"one of {', '.join(BLENDS)}"),
+    "ablation": (lambda v: v in ABLATIONS, f"one of {', '.join(ABLATIONS)}"),
+}
+
+
+# ---------------------------------------------------------------------- items
+
+@dataclass
+class Item:
+    id: str
+    image: Image.Image
+    source: str
+    target: str
+    gt_mask: np.ndarray | None = None     # (H, W) bool, the region the edit may change
+    edit: Any = None                      # a shapes_world.Edit (ground truth for check_edit)
+
+
+def load_items(spec: dict) -> list[Item]:
+    """{"benchmark": "shapes", "count": N} or {"folder": DIR} (see the module docstring)."""
+    if isinstance(spec, dict) and spec.get("benchmark") is not None:
+        if spec["benchmark"] != "shapes" or not _is_int(spec.get("count")) or spec["count"] < 1:
+            raise ParameterError('benchmark items read {"benchmark": "shapes", "count": N} with N >= 1.')
+        from .shapes_world import heldout_edits
+        return [Item(f"shapes-{i:03d}", Image.fromarray(e.source_image), e.source_caption, e.target_caption,
+                     e.edit_mask, e) for i, e in enumerate(heldout_edits(spec["count"]))]
+    if isinstance(spec, dict) and spec.get("folder") is not None:
+        return _folder_items(Path(spec["folder"]).expanduser())
+    raise ParameterError('"items" must be {"benchmark": "shapes", "count": N} or {"folder": DIR}.')
+
+
+def _folder_items(folder: Path) -> list[Item]:
+    if (folder / "manifest.json").is_file():
+        entries = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        entries = entries.get("items") if isinstance(entries, dict) else entries
+    elif (folder / "manifest.csv").is_file():
+        with open(folder / "manifest.csv", newline="", encoding="utf-8") as f:
+            entries = list(csv.DictReader(f))
+    else:
+        raise ParameterError(f"{folder} has no manifest.json or manifest.csv; write one listing image, source, target "
+                             "(and optionally gt_mask, id) per item.")
+    if not isinstance(entries, list) or not entries:
+        raise ParameterError(f"the manifest in {folder} lists no items; give a list of objects with image, source "
+                             "and target.")
+    items = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not e.get("image") or e.get("target") in (None, "") or e.get("source") is None:
+            raise ParameterError(f"manifest entry {i} in {folder} needs 'image', 'source' and a non-empty 'target'.")
+        image = load_image(folder / e["image"])
+        gt = None
+        if e.get("gt_mask"):
+            gt = M.as_bool_mask(load_image(folder / e["gt_mask"]).convert("L"), image.size)
+        item_id = str(e.get("id") or f"{i:03d}-{Path(e['image']).stem}")
+        items.append(Item(item_id, image, e["source"], e["target"], gt))
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ParameterError(f"the manifest in {folder} repeats item ids; give each item a distinct 'id'.")
+    return items
+
+
+# ---------------------------------------------------------------------- runs and keys
+
+@dataclass(frozen=True)
+class Run:
+    item: int            # index into the item list
+    item_id: str
+    settings: tuple      # (axis, value) pairs in AXES order
+
+    @property
+    def s(self) -> dict:
+        return dict(self.settings)
+
+    @property
+    def key(self) -> str:
+        return json.dumps({"item": self.item_id, **self.s}, sort_keys=True)
+
+
+def plan_runs(cfg: SweepConfig, items: list[Item]) -> list[Run]:
+    """Every (item, grid point), items outermost, then the axes in AXES order."""
+    names = list(AXES)
+    return [Run(i, item.id, tuple(zip(names, combo)))
+            for i, item in enumerate(items) for combo in itertools.product(*(cfg.grid[a] for a in names))]
+
+
+def effective_settings(s: dict) -> dict:
+    """The settings that can change the output of a run: the ablation drops the axes it ignores
+    (no mask: the mask axes; encoding without a mask: also the seed, as DDIM with eta = 0 draws
+    no noise)."""
+    encode, use_mask = ABLATIONS[s["ablation"]]
+    drop = set() if use_mask else set(MASK_AXES) | ({"seed"} if encode else set())
+    return {k: v for k, v in s.items() if k not in drop}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def comparable(row: dict) -> dict:
+    """A row without the columns that depend on run order (timings, cache hits)."""
+    return {k: v for k, v in row.items() if not k.startswith(RUN_DEPENDENT)}
+
+
+# ---------------------------------------------------------------------- results files
+
+def read_rows(out_dir: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """The rows of results.jsonl. A torn last line (no newline, or not JSON) is ignored, and
+    removed from the file when `repair`."""
+    path = Path(out_dir) / RESULTS
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows, torn = [], False
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        last = n == len(lines) - 1   # a complete line is followed by "\n", so the last piece is torn
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if row is None or last:
+            if not last:
+                raise ParameterError(f"line {n + 1} of {path} is not JSON; delete that line and resume.")
+            torn = True
+            continue
+        rows.append(row)
+    if torn and repair:
+        atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows), overwrite=True)
+    return rows
+
+
+def append_row(out_dir: Path, row: dict) -> None:
+    """Append one complete line (a single write, flushed and fsynced)."""
+    line = json.dumps(row, allow_nan=False) + "\n"
+    with open(out_dir / RESULTS, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_csv(out_dir: Path) -> Path:
+    """results.csv rebuilt from results.jsonl (columns: union of keys in order of appearance)."""
+    rows = read_rows(out_dir)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(out_dir / CSV_NAME, buffer.getvalue(), overwrite=True)
+
+
+def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
+    """A folder holds one sweep: resuming with another model or item set would mix tables."""
+    path = out_dir / CONFIG_NAME
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        differs = [k for k in IDENTITY_KEYS if json.dumps(stored.get(k), sort_keys=True, default=str)
+                  != json.dumps(cfg.identity()[k], sort_keys=True, default=str)]
+        if differs and (out_dir / RESULTS).is_file():
+            raise OutputFileError(f"{out_dir} holds a sweep with another {', '.join(differs)}; choose another output "
+                                  "folder (only the grid may change when resuming).")
+    atomic_write_text(path, json.dumps(cfg.as_dict(), indent=2, default=str) + "\n", overwrite=True)
+
+
+# ---------------------------------------------------------------------- progress
+
+class ProgressBar:
+    """A one-line progress bar on stderr (a line per update, at most every 2 s, when not a terminal)."""
+
+    def __init__(self, total: int, done: int = 0, stream=None, enabled: bool = True):
+        self.total, self.done, self.start_done = total, done, done
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = self.last = time.perf_counter()
+        self.draw(force=True)
+
+    def update(self, done: int) -> None:
+        self.done = done
+        self.draw(force=done == self.total)
+
+    def draw(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not self.tty and not force and now - self.last < 2.0):
+            return
+        self.last = now
+        ran = self.done - self.start_done
+        rate = (now - self.t0) / ran if ran else None
+        eta = f" eta {rate * (self.total - self.done):.0f}s" if rate else ""
+        filled = int(30 * self.done / max(self.total, 1))
+        text = f"sweep {self.done}/{self.total} [{'#' * filled}{'.' * (30 - filled)}]" + \
+               (f" {rate:.2f}s/run" if rate else "") + eta
+        self.stream.write(("\r" + text) if self.tty else text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------- the work
+
+@dataclass
+class _Mask:
+    soft: torch.Tensor           # (1, h, w) normalised map
+    timestep: int
+    generator_state: torch.Tensor  # the generator after drawing the mask noise
+    unet_samples: int
+    seconds: float
+    file: str                    # relative path of the saved maps (.npz), "" when not saved
+
+
+@dataclass
+class _ItemState:
+    """What one item's runs share."""
+    masks: dict = field(default_factory=dict)       # (t, n, seed) -> _Mask
+    inversions: dict = field(default_factory=dict)  # steps -> (Inversion, seconds)
+    edits: dict = field(default_factory=dict)       # effective-settings digest -> row fields
+    r_max: dict = field(default_factory=dict)       # steps -> largest r to run with encoding
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    rows: list[dict]      # every row of results.jsonl, in file order
+    ran: int              # runs done by this call
+    skipped: int          # runs found finished already
+
+
+def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable | None = None,
+              bar: bool = True) -> SweepResult:
+    """Run every grid point of `config` not yet in `out_dir`/results.jsonl. `pipe` (a
+    DiffEditPipeline) is loaded from the config when None; `progress(done, total, row)` is called
+    after each row is written (raising from it stops the sweep, resumable)."""
+    cfg = SweepConfig.parse(config)
+    out = Path(out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputFileError(f"cannot create the sweep folder {out} ({e.strerror}); choose another --out.") from None
+    _check_config(out, cfg)
+    items = load_items(cfg.items)
+    extra = M.registered_metrics()
+    extra.update({n: M.load_metric(n, s["factory"], s["weights"]) for n, s in cfg.metrics.items()})
+    runs = plan_runs(cfg, items)
+    finished = {r.get("key") for r in read_rows(out, repair=True)}
+    todo = [r for r in runs if r.key not in finished]
+    if pipe is None and todo:
+        from .pipeline import DiffEditPipeline
+        pipe = DiffEditPipeline.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    _write_items(out, items, cfg.save_images)
+    done = len(runs) - len(todo)
+    meter = ProgressBar(len(runs), done, enabled=bar)
+    try:
+        for index, group in itertools.groupby(todo, key=lambda r: r.item):
+            group = list(group)
+            state = _ItemState()
+            for r in group:
+                s = r.s
+                if ABLATIONS[s["ablation"]][0]:
+                    steps = s["num_inference_steps"]
+                    state.r_max[steps] = max(state.r_max.get(steps, 0.0), s["strength"])
+            for r in group:
+                row = _execute(pipe, cfg, items[index], r, state, out, extra)
+                append_row(out, row)
+                done += 1
+                meter.update(done)
+                if progress is not None:
+                    progress(done, len(runs), row)
+    finally:
+        meter.close()
+        if (out / RESULTS).is_file():
+            write_csv(out)
+    return SweepResult(out, read_rows(out), done - (len(runs) - len(todo)), len(runs) - len(todo))
+
+
+def _write_items(out: Path, items: list[Item], save_images: bool) -> None:
+    listing = []
+    for item in items:
+        entry = {"id": item.id, "source": item.source, "target": item.target, "size": list(item.image.size)}
+        if save_images:
+            folder = out / "images" / item.id
+            folder.mkdir(parents=True, exist_ok=True)
+            entry["input"] = save_image(item.image, folder / "input.png", overwrite=True).relative_to(out).as_posix()
+            if item.gt_mask is not None:
+                entry["gt_mask"] = save_image(Image.fromarray(item.gt_mask.astype(np.uint8) * 255, "L"),
+                                              folder / "gt_mask.png", overwrite=True).relative_to(out).as_posix()
+        listing.append(entry)
+    atomic_write_text(out / ITEMS_NAME, json.dumps(listing, indent=2) + "\n", overwrite=True)
+
+
+def _execute(pipe, cfg: SweepConfig, item: Item, run: Run, state: _ItemState, out: Path, extra: dict) -> dict:
+    """One grid point: mask (cached), inversion (cached), edit, metrics -> a flat row."""
+    s = run.s
+    encode, use_mask = ABLATIONS[s["ablation"]]
+    row: dict[str, Any] = {"key": run.key, "item": item.id, **s}
+    effective = _digest({"item": item.id, **effective_settings(s)})
+    if effective in state.edits:
+        row.update(state.edits[effective])
+        return {**row, "time_mask_s": 0.0, "time_inversion_s": 0.0, "time_edit_s": 0.0, "time_metrics_s": 0.0,
+                "cache_mask": True if use_mask else None, "cache_inversion": True if encode else None,
+                "cache_edit": True}
+    encoded = pipe.encode_image(item.image, resolution=cfg.resolution)
+    steps, r = s["num_inference_steps"], s["strength"]
+    fields: dict[str, Any] = {}
+    timing = {"time_mask_s": 0.0, "time_inversion_s": 0.0, "cache_mask": None, "cache_inversion": None}
+
+    mask, latent_mask, pixel_mask, generator = None, None, None, None
+    if use_mask:
+        mask, fresh = _mask(pipe, item, s, encoded, state, out, cfg.save_images)
+        timing.update(time_mask_s=mask.seconds if fresh else 0.0, cache_mask=not fresh)
+        latent_mask = (mask.soft > s["threshold"]).float()
+        pixel_mask = np.asarray(mask_to_pil(mask.soft[0], encoded.geometry[0], threshold=s["threshold"])) >= 128
+        fields.update(mask_timestep=mask.timestep, mask_file=mask.file)
+    if not encode:   # the decode noise continues the mask's stream, as one pipeline call would
+        generator = torch.Generator().manual_seed(s["seed"])
+        if mask is not None:
+            generator.set_state(mask.generator_state)
+        inversion = _no_inversion(encoded, steps, r)
+    else:
+        inversion, fresh = _inversion(pipe, encoded, steps, state)
+        timing.update(time_inversion_s=inversion[1] if fresh else 0.0, cache_inversion=not fresh)
+        inversion = inversion[0]
+
+    before = pipe.counters.unet_samples
+    t0 = time.perf_counter()
+    result = pipe.edit(inversion, latent_mask, item.target, strength=r, num_inference_steps=steps,
+                       guidance_scale=s["guidance_scale"], blend=s["blend"], encode=encode, use_mask=use_mask,
+                       generator=generator)
+    timing["time_edit_s"] = time.perf_counter() - t0
+    edited = result.images[0]
+    inversion_samples = pipe.scheduler.num_steps(steps, r) if encode else 0
+    edit_samples = pipe.counters.unet_samples - before
+    fields["unet_samples"] = (mask.unet_samples if mask else 0) + inversion_samples + edit_samples
+
+    t0 = time.perf_counter()
+    target_image = Image.fromarray(item.edit.target_image) if item.edit is not None else None
+    fields.update(M.edit_metrics(edited, item.image, item.gt_mask, pixel_mask, extra, item.source, item.target,
+                                 target_image))
+    if item.edit is not None:
+        from .shapes_check import check_edit
+        check = check_edit(edited, item.edit)
+        fields.update(success=check.success, colour_ok=check.colour_ok, shape_ok=check.shape_ok)
+    timing["time_metrics_s"] = time.perf_counter() - t0
+    if cfg.save_images:
+        path = out / "images" / item.id / f"{effective}.png"
+        fields["image"] = save_image(edited, path, overwrite=True).relative_to(out).as_posix()
+    state.edits[effective] = fields
+    return {**row, **fields, **timing, "cache_edit": False}
+
+
+def _mask(pipe, item: Item, s: dict, encoded, state: _ItemState, out: Path, save: bool) -> tuple[_Mask, bool]:
+    """The soft map of (mask timestep, n, seed), computed on first use. Returns (mask, computed now)."""
+    t = pipe.scheduler.step_pairs(s["num_inference_steps"], s["mask_noise_strength"])[0][0]
+    key = (int(t), s["mask_samples"], s["seed"])
+    if key in state.masks:
+        return state.masks[key], False
+    generator = torch.Generator().manual_seed(s["seed"])
+    before = pipe.counters.unet_samples
+    t0 = time.perf_counter()
+    result = pipe.generate_mask(encoded, item.source, item.target, num_samples=s["mask_samples"],
+                                noise_strength=s["mask_noise_strength"], num_inference_steps=s["num_inference_steps"],
+                                generator=generator)
+    seconds = time.perf_counter() - t0
+    relative = ""
+    if save:
+        path = out / "masks" / item.id / f"t{key[0]}-n{key[1]}-seed{key[2]}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = dict(soft=result.soft[0].cpu().numpy(), difference=result.difference[0].cpu().numpy(),
+                      per_sample=result.per_sample[0].cpu().numpy(), timestep=np.int64(result.timestep))
+        atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=True)
+        relative = path.relative_to(out).as_posix()
+    mask = _Mask(result.soft, result.timestep, generator.get_state(), pipe.counters.unet_samples - before,
+                 seconds, relative)
+    state.masks[key] = mask
+    return mask, True
+
+
+def _inversion(pipe, encoded, steps: int, state: _ItemState):
+    """One DDIM inversion per step count, to the largest r of the item's runs.
+    Returns ((inversion, seconds), computed now)."""
+    if steps in state.inversions:
+        return state.inversions[steps], False
+    t0 = time.perf_counter()
+    inversion = pipe.invert(encoded, strength=state.r_max[steps], num_inference_steps=steps)
+    state.inversions[steps] = (inversion, time.perf_counter() - t0)
+    return state.inversions[steps], True
+
+
+def _no_inversion(encoded, steps: int, r: float):
+    """An empty Inversion for the "w/o encoding" ablations (edit only reads its encoded image)."""
+    from .results import Inversion
+    return Inversion(latents=encoded.latents[:, None], timesteps=[], num_inference_steps=steps, strength=r,
+                     prompt=[""] * encoded.latents.shape[0], guidance_scale=1.0, negative_prompt=None, encoded=encoded)
+
+
+# ---------------------------------------------------------------------- command line
+
+def add_arguments(parser) -> None:
+    """Arguments of `diffedit sweep`."""
+    parser.add_argument("config", help="sweep config (JSON): model, items, grid (see diffedit/sweep.py)")
+    parser.add_argument("--out", default=None, help="output folder (default: sweeps/<config name>); "
+                        "an existing sweep there is resumed")
+    parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
+    parser.add_argument("--dtype", default=None, help="override the config's dtype (fp32, bf16, fp16)")
+    parser.add_argument("--figures", action="store_true", help="also draw an image grid and a trade-off curve "
+                        "(needs matplotlib: pip install 'diffedit-sd[plots]')")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    """`diffedit sweep`: run or resume a sweep; prints where the table is."""
+    cfg = SweepConfig.parse(args.config)
+    if args.device:
+        cfg.device = args.device
+    if args.dtype:
+        cfg.dtype = args.dtype
+    out = Path(args.out) if args.out else Path("sweeps") / Path(args.config).stem
+    result = run_sweep(cfg, out, bar=not args.quiet)
+    print(f"{len(result.rows)} rows ({result.ran} run now, {result.skipped} already done) in {out / RESULTS} "
+          f"and {out / CSV_NAME}")
+    if args.figures:
+        from .figures import sweep_figures
+        for path in sweep_figures(out):
+            print(f"figure: {path}")
+    return 0
+

@@ -1,0 +1,123 @@
+"""The embedded model (weights/shapes-64): it loads strictly like any SD checkpoint, fits the size
+budget, reproduces a stored result, and the training code that made it runs end to end.
+
+The stored result (tests/data/embedded_reference.json) is regenerated, after retraining only, with
+    python tests/test_embedded_model.py --regenerate
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "weights" / "shapes-64"
+REFERENCE = Path(__file__).parent / "data" / "embedded_reference.json"
+
+
+def reference_result() -> dict:
+    """A small fingerprint of the model: UNet output on a fixed input and one short DiffEdit edit."""
+    from diffedit.pipeline import DiffEditPipeline
+    from diffedit.shapes_world import heldout_edits
+
+    pipe = DiffEditPipeline.from_pretrained(MODEL)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    context = pipe.encode_prompt(["a red circle on a gray background", ""])
+    with torch.no_grad():
+        eps = pipe.model.unet(x, torch.tensor([500, 500]), context)
+    edit = heldout_edits(1)[0]
+    result = pipe(edit.source_image, source_prompt=edit.source_caption, target_prompt=edit.target_caption,
+                  num_inference_steps=10, num_mask_samples=4, generator=torch.Generator().manual_seed(0))
+    image = np.asarray(result.images[0], dtype=np.float64)
+    return {"eps_first": eps.flatten()[:8].tolist(), "eps_mean_abs": eps.abs().mean().item(),
+            "mask_area": result.mask.area[0].item(), "edit_mean_rgb": image.mean(axis=(0, 1)).tolist(),
+            "edit_target": edit.target_caption}
+
+
+def test_embedded_model_loads_strictly_and_fits_budget():
+    from diffedit.loading import load_model
+
+    size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20, f"embedded model is {size / 2**20:.1f} MiB, budget 25 MiB"
+    model = load_model(MODEL)
+    assert model.config.resolution == 64 and model.config.vae.downsample_factor == 4
+    assert model.tokenizer.max_length == model.config.text_encoder.max_length
+    assert (MODEL / "README.md").is_file() and (MODEL / "training_log.txt").is_file()
+    # the reference library reads the same folder (diffusers layout, strict)
+    from diffusers import UNet2DConditionModel
+    ref = UNet2DConditionModel.from_pretrained(MODEL / "unet")
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([321])
+    context = torch.randn(1, model.config.text_encoder.max_length, model.config.text_encoder.width)
+    with torch.no_grad():
+        ours, theirs = model.unet(x, t, context), ref(x, t, context).sample
+    assert (ours - theirs).abs().max().item() < 1e-4 * theirs.abs().max().item()
+
+
+def test_embedded_model_reproduces_stored_result():
+    stored = json.loads(REFERENCE.read_text())
+    now = reference_result()
+    assert now["edit_target"] == stored["edit_target"]
+    np.testing.assert_allclose(now["eps_first"], stored["eps_first"], rtol=1e-4, atol=1e-5)
+    assert now["eps_mean_abs"] == pytest.approx(stored["eps_mean_abs"], rel=1e-4)
+    assert now["mask_area"] == pytest.approx(stored["mask_area"], abs=0.02)
+    np.testing.assert_allclose(now["edit_mean_rgb"], stored["edit_mean_rgb"], atol=0.5)
+
+
+def test_short_training_run_end_to_end(tmp_path):
+    """A few steps of every stage, then the saved folder loads and edits like the shipped one."""
+    from diffedit.pipeline import DiffEditPipeline
+    from diffedit.training import QUICK, train
+    from diffedit.shapes_world import heldout_edits
+
+    out = train(tmp_path / "model", QUICK, threads=1)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "a staging file was left behind"
+    log = (out / "training_log.txt").read_text()
+    assert "vae  step" in log and "unet step" in log and "scaling_factor" in log
+    pipe = DiffEditPipeline.from_pretrained(out)
+    edit = heldout_edits(1)[0]
+    result = pipe(edit.source_image, source_prompt=edit.source_caption, target_prompt=edit.target_caption,
+                  num_inference_steps=4, num_mask_samples=2)
+    assert result.images[0].size == (64, 64)
+    assert pipe.counters.vae_encodes == 1
+
+
+def test_training_is_reproducible_from_seed(tmp_path):
+    from diffedit.training import QUICK, train
+    from safetensors.torch import load_file
+
+    a, b = train(tmp_path / "a", QUICK, threads=1), train(tmp_path / "b", QUICK, threads=1)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        ta, tb = load_file(a / part), load_file(b / part)
+        assert ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), part
+
+
+def test_eval_shapes_small_run(tmp_path):
+    from diffedit.pipeline import DiffEditPipeline
+    from diffedit.shapes_eval import EvalSettings, evaluate, write_report
+
+    pipe = DiffEditPipeline.from_pretrained(MODEL)
+    report = evaluate(pipe, EvalSettings(count=2, num_inference_steps=8, num_mask_samples=2, batch_size=2,
+                                         strengths=(0.4,), thresholds=(0.3,)))
+    runs = [s["run"] for s in report.summary]
+    assert runs == ["diffedit", "r=0.4", "threshold=0.3", "no_mask", "no_encode", "sdedit"]
+    assert len(report.rows) == 2 * len(runs)
+    for row in report.rows:
+        assert 0.0 <= row["mask_iou"] <= 1.0 and row["bg_psnr"] > 5.0
+    csv_path, json_path = write_report(report, tmp_path)
+    assert len(csv_path.read_text().splitlines()) == 1 + len(report.rows)
+    assert json.loads(json_path.read_text())["summary"][0]["run"] == "diffedit"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--regenerate"]:
+        REFERENCE.parent.mkdir(exist_ok=True)
+        REFERENCE.write_text(json.dumps(reference_result(), indent=1) + "\n")
+        print(f"wrote {REFERENCE}")
