@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .clip import TextEncoder
-from .config import (PRESETS, ModelConfig, SchedulerConfig, TextEncoderConfig, TokenizerConfig, UNetConfig,
+from .config import (ModelConfig, SchedulerConfig, TextEncoderConfig, TokenizerConfig, UNetConfig,
                      VAEConfig)
 from .errors import ModelLoadError
 from .model_io import (build_module, read_component, read_json, read_state_dict, rename_state_dict,
@@ -86,19 +86,16 @@ def _load_folder(folder: Path, device, dtype, variant, source: str) -> StableDif
     return _assemble(config, tokenizer, weights, device, dtype, source)
 
 
-def _load_single_file(path: Path, device, dtype, preset: str | None, source: str) -> StableDiffusion:
-    from .single_file import detect_original_architecture, infer_configs, split_original_checkpoint
+def _load_single_file(path: Path, device, dtype, preset: str | None, source: str,
+                      prediction_type: str | None = None) -> StableDiffusion:
+    """An original-layout file: detect what it is (refusing SDXL, inpainting, ...), choose the
+    preset (SD 2 needs `preset` or a `prediction_type` hint), check the file's shapes against it,
+    then rename/split into our three models' state dicts (views of the file's tensors, no copies)."""
+    from .single_file import choose_preset, detect_original_architecture, infer_configs, split_original_checkpoint
     state_dict = read_state_dict(path)
-    arch = detect_original_architecture(state_dict)
-    if preset is None:
-        if arch == "sd2":
-            raise ModelLoadError(f"{path.name} is an SD 2.x checkpoint, whose weights do not say whether it predicts "
-                                 "epsilon (512 px 'base') or v (768 px); pass preset='sd2-base' or preset='sd2-v'.")
-        preset = arch
-    if preset not in PRESETS:
-        raise ModelLoadError(f"unknown preset {preset!r}; use one of {', '.join(p for p in PRESETS if p != 'tiny')}.")
-    config = infer_configs(state_dict, PRESETS[preset])
-    weights = split_original_checkpoint(state_dict)
+    preset = choose_preset(detect_original_architecture(state_dict), preset, prediction_type)
+    config = infer_configs(state_dict, preset)
+    weights = split_original_checkpoint(state_dict, config)
     del state_dict
     tokenizer = Tokenizer.default(pad_token=config.tokenizer.pad_token)
     return _assemble(config, tokenizer, weights, device, dtype, source)

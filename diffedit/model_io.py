@@ -152,8 +152,10 @@ def _torch_load(path: Path) -> StateDict:
 
 
 def _first_line(e: BaseException, default: str = "") -> str:
+    """The first sentence of an exception's message (torch's can run on for several)."""
     text = str(e).strip().splitlines()
-    return (text[0][:160] if text else default) or type(e).__name__
+    first = re.split(r"(?<=[.!?])\s", text[0])[0].rstrip(".")[:160] if text else ""
+    return first or default or type(e).__name__
 
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")

@@ -129,8 +129,8 @@ class DDIM:
 
     def step_pairs(self, num_inference_steps: int, strength: float = 1.0) -> list[tuple[int, int]]:
         """(t, t_prev) of the last k grid steps, in decoding order; the last t_prev is -1."""
+        grid = self.timesteps(num_inference_steps).tolist()  # first: a bad step count is named as such
         k = self.num_steps(num_inference_steps, strength)
-        grid = self.timesteps(num_inference_steps).tolist()
         return list(zip(grid, grid[1:] + [-1]))[len(grid) - k:]
 
     def inverse_pairs(self, num_inference_steps: int, strength: float = 1.0) -> list[tuple[int, int]]:

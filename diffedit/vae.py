@@ -17,6 +17,7 @@ from einops import rearrange
 
 from .attention import attention
 from .config import VAEConfig
+from .errors import ParameterError
 from .unet import Downsample, ResnetBlock, Upsample
 
 EPS = 1e-6  # GroupNorm epsilon everywhere in the autoencoder
@@ -160,3 +161,87 @@ class AutoencoderKL(nn.Module):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+
+# ---------------------------------------------------------------------- bounded memory
+#
+# Slicing runs the autoencoder one image at a time: the same numbers, peak activation memory of
+# one image instead of B. Tiling cuts one large image into overlapping tiles, runs each alone
+# and cross-fades the overlaps with linear ramps (weights normalised to sum to one). It is an
+# approximation: GroupNorm statistics and the middle block's self-attention see one tile instead
+# of the whole image, and a tile's border lacks the context beyond it (the ramps give those
+# border cells the least weight). The pipeline tiles only images larger than TILE_ABOVE pixels.
+
+TILE_ABOVE = 1024     # pixels: larger sides are tiled, smaller ones run whole
+DECODE_TILE = 64      # latent cells per decoder tile side (512 px in SD), of which...
+DECODE_OVERLAP = 16   # ...this many are shared with the neighbouring tile
+
+
+def encode_sliced(vae: AutoencoderKL, images: torch.Tensor, tile_above: int | None = TILE_ABOVE,
+                  tile: int = DECODE_TILE, overlap: int = DECODE_OVERLAP) -> DiagonalGaussian:
+    """vae.encode of each image alone, tiled when a side exceeds `tile_above` pixels (None: never).
+    `tile` and `overlap` count latent cells, as for decoding."""
+    f = vae.config.downsample_factor
+    moments = []
+    for image in images.split(1):
+        if tile_above is not None and max(image.shape[-2:]) > tile_above:
+            moments.append(tiled(lambda part: _moments(vae, part), image, tile * f, overlap * f, scale=1 / f))
+        else:
+            moments.append(_moments(vae, image))
+    return DiagonalGaussian(torch.cat(moments))
+
+
+def decode_sliced(vae: AutoencoderKL, z: torch.Tensor, tile_above: int | None = TILE_ABOVE,
+                  tile: int = DECODE_TILE, overlap: int = DECODE_OVERLAP) -> torch.Tensor:
+    """vae.decode of each latent alone, tiled when the image side would exceed `tile_above` pixels."""
+    f = vae.config.downsample_factor
+    out = []
+    for latent in z.split(1):
+        if tile_above is not None and max(latent.shape[-2:]) * f > tile_above:
+            out.append(tiled(vae.decode, latent, tile, overlap, scale=f))
+        else:
+            out.append(vae.decode(latent))
+    return torch.cat(out)
+
+
+def _moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    posterior = vae.encode(images)  # through `encode`, so that wrappers of it still see every call
+    return torch.cat([posterior.mean, posterior.logvar], dim=1)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of tiles of side `tile` covering [0, size), neighbours sharing at least `overlap`."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def ramp(length: int, overlap: int, device=None) -> torch.Tensor:
+    """Blending weights along one tile side: rising over the first `overlap` cells, falling over
+    the last, 1 in between; never 0, so every cell of the image has some weight."""
+    i = torch.arange(length, dtype=torch.float32, device=device)
+    return (torch.minimum(i + 1, length - i) / (overlap + 1)).clamp(max=1.0)
+
+
+def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
+    """fn over overlapping tiles of x (B, C, H, W), cross-faded: fn maps a (B, C, h, w) tile to
+    (B, C', h * scale, w * scale) (scale 8 for the decoder, 1/8 for the encoder). `tile` and
+    `overlap` are in x's cells; tile * scale and overlap * scale must be whole numbers."""
+    if not 0 <= overlap < tile:
+        raise ParameterError(f"tile overlap must lie in [0, tile) = [0, {tile}), got {overlap}; use a smaller overlap.")
+    H, W = x.shape[-2:]
+    out, weight = None, None
+    for top in tile_starts(H, tile, overlap):
+        for left in tile_starts(W, tile, overlap):
+            y = fn(x[..., top:top + tile, left:left + tile]).float()
+            if out is None:
+                out = torch.zeros(*y.shape[:2], round(H * scale), round(W * scale), device=y.device)
+                weight = torch.zeros(round(H * scale), round(W * scale), device=y.device)
+            h, w = y.shape[-2:]
+            o = round(overlap * scale)
+            w2d = ramp(h, o, y.device)[:, None] * ramp(w, o, y.device)[None, :]
+            t, l = round(top * scale), round(left * scale)
+            out[..., t:t + h, l:l + w] += y * w2d
+            weight[t:t + h, l:l + w] += w2d
+    return (out / weight).to(x.dtype)

@@ -1,0 +1,501 @@
+"""The `diffedit` command line.
+
+    diffedit edit IMAGE --source TEXT --target TEXT [--model DIR|HUB_ID|FILE] [--out PATH] ...
+    diffedit mask IMAGE --source TEXT --target TEXT [--out MASK.png] ...
+
+`edit` writes three files next to the input (or where --out, --mask-out, --panel-out say):
+NAME.edit.png, NAME.mask.png and NAME.panel.png (input | mask overlay | edit), all at the
+input's size. Every argument is checked and every output path is cleared before the model
+loads; the outputs are written at the end, atomically (files.atomic_write), so a run that is
+killed leaves either no output or a complete one. The input is never overwritten; an existing
+output only with --overwrite.
+
+Errors of the project's own family (diffedit.errors) and of the command line itself print one
+line on stderr and exit with status 2; Ctrl-C exits with 130, SIGTERM with 143.
+
+Subcommands come from the COMMANDS table: name -> Command(help, add_arguments, run). A new one is
+one entry: a function that adds its arguments to an argparse parser, and one that takes the
+parsed arguments and returns an exit status (`eval` and `sweep` are such entries, their modules
+imported only when they run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .errors import DiffEditError, OutputFileError, ParameterError
+
+PROG = "diffedit"
+EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
+
+
+class UsageError(DiffEditError):
+    """A command-line argument that argparse refused."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so that temporary files are removed on the way out."""
+
+
+# ---------------------------------------------------------------------- argument types
+
+def _number(text: str, kind: type) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def strength(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (the fraction of the steps that are re-run), got {value:g}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value:g}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2^63), got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------- shared arguments
+
+def add_image_and_prompts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="input image (PNG, JPEG or WebP; any size)")
+    p.add_argument("--source", required=True, metavar="TEXT",
+                   help="what the image shows now: a caption, or \"\" for none (the paper's reference text)")
+    p.add_argument("--target", required=True, metavar="TEXT", help="what the edited image should show (the query)")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR|HUB_ID|FILE",
+                   help="diffusers-layout folder, hub id or single checkpoint file (default: the embedded model)")
+    g.add_argument("--preset", metavar="P", help="what a single checkpoint file is: sd1, sd2-base or sd2-v")
+    g.add_argument("--dtype", default="fp32", metavar="fp32|bf16|fp16", help="weights' precision (default fp32)")
+    g.add_argument("--device", default="auto", metavar="cpu|cuda",
+                   help="where to run (default: cuda if there is one, else cpu)")
+
+
+def add_mask_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mask (DiffEdit step 1)")
+    g.add_argument("--mask-samples", type=positive_int, default=10, metavar="N",
+                   help="noise samples averaged for the mask (default 10)")
+    g.add_argument("--threshold", type=unit_interval, default=0.5, metavar="T",
+                   help="threshold on the normalised map, in [0, 1] (default 0.5)")
+    g.add_argument("--steps", type=positive_int, default=50, metavar="N", help="DDIM steps of the full schedule (default 50)")
+    g.add_argument("--seed", type=seed, default=0, metavar="S", help="random seed of the mask noise (default 0)")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no list of the files written")
+
+
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    add_image_and_prompts(p)
+    add_model_options(p)
+    add_mask_options(p)
+    g = p.add_argument_group("edit (DiffEdit steps 2 and 3)")
+    g.add_argument("--strength", type=strength, default=0.8, metavar="R",
+                   help="encoding ratio r in (0, 1]: how far the image is DDIM-encoded (default 0.8)")
+    g.add_argument("--guidance", type=non_negative, default=7.5, metavar="G",
+                   help="classifier-free guidance scale while decoding (default 7.5)")
+    g.add_argument("--mask", metavar="PATH", help="use this mask (white = edit) instead of computing one")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--out", metavar="PATH", help="the edited image (default NAME.edit.png next to the input)")
+    o.add_argument("--mask-out", metavar="PATH", help="the mask (default NAME.mask.png)")
+    o.add_argument("--panel-out", metavar="PATH", help="input | mask overlay | edit (default NAME.panel.png)")
+    add_output_options(o)
+
+
+def add_maskcmd_arguments(p: argparse.ArgumentParser) -> None:
+    add_image_and_prompts(p)
+    add_model_options(p)
+    add_mask_options(p)
+    o = p.add_argument_group("outputs")
+    o.add_argument("--out", metavar="MASK.png", help="the mask (default NAME.mask.png next to the input)")
+    add_output_options(o)
+
+
+# ---------------------------------------------------------------------- checks before any work
+
+def check_prompts(source: str, target: str) -> tuple[str, str]:
+    """Whitespace-normalised prompts, refused as the pipeline refuses them (an empty target, or a
+    target equal to the source: the mask would be empty), but before the model loads."""
+    from .pipeline import check_prompt_pairs
+    source, target = " ".join(source.split()), " ".join(target.split())
+    check_prompt_pairs([source], [target])
+    return source, target
+
+
+def default_output(image: Path, kind: str) -> Path:
+    """NAME.kind.png next to the input image."""
+    return image.with_name(f"{image.stem}.{kind}.png")
+
+
+def plan_outputs(image: Path, wanted: dict[str, str | None], overwrite: bool, protected: list[Path]) -> dict[str, Path]:
+    """The output path of each kind (given or default), every one checked now so that a long run
+    never ends in a refusal: writable folder, a known image suffix, not an input, distinct, and
+    not existing unless --overwrite."""
+    from .files import check_output, image_format
+    plan = {kind: Path(path).expanduser() if path else default_output(image, kind) for kind, path in wanted.items()}
+    seen: dict[Path, str] = {}
+    for kind, path in plan.items():
+        image_format(path)
+        check_output(path, overwrite=overwrite, protected=protected)
+        key = Path(os.path.abspath(path))
+        if key in seen:
+            raise OutputFileError(f"the {seen[key]} and the {kind} outputs would both be {path}; "
+                                  "give each output its own name.")
+        seen[key] = kind
+    return plan
+
+
+def resolve_device(name: str):
+    import torch
+    from .devices import parse_device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_device(name)
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The pipeline of --model (default: the embedded model), on --device in --dtype."""
+    from .devices import parse_dtype
+    from .pipeline import DiffEditPipeline
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    return DiffEditPipeline.from_pretrained(args.model, device=device, dtype=dtype, preset=args.preset)
+
+
+def check_schedule(pipe, steps: int, strengths: dict[str, float]) -> None:
+    """Refuse step counts the model's scheduler cannot run (before any UNet call)."""
+    for name, value in strengths.items():
+        try:
+            pipe.scheduler.step_pairs(steps, value)
+        except ParameterError as e:
+            raise ParameterError(f"--steps {steps} with {name} {value:g}: {e}") from None
+
+
+def read_user_mask(path: str, size: tuple[int, int]):
+    """A mask image (white = edit, black = keep) as a (H, W) float tensor of 0s and 1s at the
+    input's `size`. Another size with the same shape is resized (said once), gray levels are
+    thresholded at 50% (said once); another shape or an all-black mask is refused."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from .image_io import load_image
+    mask = load_image(path, min_side=1).convert("L")
+    (mw, mh), (w, h) = mask.size, size
+    if mask.size != size:
+        if abs(mw * h - w * mh) > max(w, h, mw, mh):  # aspect ratios differ by more than a pixel's worth
+            raise ParameterError(f"the mask {path} is {mw} x {mh} pixels but the image is {w} x {h}, another shape; "
+                                 "give a mask of the image's size (white = edit, black = keep).")
+        warnings.warn(f"the mask {path} is {mw} x {mh} pixels; it was resized to the image's {w} x {h}.", UserWarning)
+        mask = mask.resize(size, Image.Resampling.NEAREST)
+    a = np.asarray(mask)
+    gray = float(((a > 0) & (a < 255)).mean())
+    if gray > 0:
+        warnings.warn(f"the mask {path} is not black and white ({gray:.0%} of its pixels are gray); "
+                      "it was thresholded at 50% (lighter = edit).", UserWarning)
+    binary = a >= 128
+    if not binary.any():
+        raise ParameterError(f"the mask {path} is black everywhere, so nothing would be edited; "
+                             "paint the region to edit in white.")
+    return torch.from_numpy(binary.astype(np.float32))
+
+
+# ---------------------------------------------------------------------- progress
+
+class ProgressBar:
+    """A one-line text bar on stderr (only when it is a terminal, unless forced): work counted in
+    UNet samples, the unit of the method's cost."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True, width: int = 30):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and _is_terminal(self.stream)
+        self.total, self.width, self.done, self.label = max(1, total), width, 0, ""
+        self.start = time.monotonic()
+
+    def update(self, done: int, label: str | None = None) -> None:
+        self.done = min(max(done, 0), self.total)
+        self.label = label if label is not None else self.label
+        if not self.enabled:
+            return
+        fraction = self.done / self.total
+        filled = int(self.width * fraction)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
+        self.stream.write(f"\r{self.label:<9} [{'#' * filled}{'.' * (self.width - filled)}] {fraction:4.0%} "
+                          f"{self.done}/{self.total} UNet samples  {_clock(elapsed)} (eta {_clock(eta)})\x1b[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Erase the bar, so that whatever follows (a message, an error) starts a clean line."""
+        if self.enabled:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.enabled = False
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
+class Work:
+    """Progress of one run, read from the pipeline's UNet-sample counter at each step callback
+    (the mask has no per-step callback: it moves the bar once, at its end)."""
+
+    def __init__(self, pipe, bar: ProgressBar):
+        self.pipe, self.bar, self.start = pipe, bar, pipe.counters.unet_samples
+
+    def phase(self, label: str) -> Callable:
+        self.bar.update(self.pipe.counters.unet_samples - self.start, label)
+        return lambda *_: self.bar.update(self.pipe.counters.unet_samples - self.start, label)
+
+
+def edit_cost(k: int, samples: int, guidance: float, with_mask: bool) -> int:
+    """UNet samples of one edit of k steps: 2n (mask) + k (encoding) + k, or 2k with guidance (decoding)."""
+    return (2 * samples if with_mask else 0) + k + (2 * k if guidance != 1.0 else k)
+
+
+# ---------------------------------------------------------------------- the commands
+
+def run_edit(args: argparse.Namespace) -> int:
+    import torch
+    from .image_io import load_image, overlay_mask, save_image, side_by_side
+    source, target = check_prompts(args.source, args.target)
+    image_path = Path(args.image).expanduser()
+    image = load_image(image_path)
+    user_mask = read_user_mask(args.mask, image.size) if args.mask else None
+    wanted = {"edit": args.out, "mask": args.mask_out, "panel": args.panel_out}
+    if user_mask is not None:  # the user's mask is not written again
+        del wanted["mask"]
+    protected = [image_path] + ([Path(args.mask)] if args.mask else [])
+    outputs = plan_outputs(image_path, wanted, args.overwrite, protected)
+    pipe = load_pipeline(args)
+    check_schedule(pipe, args.steps, {"--strength": args.strength, "the mask noise strength": 0.5})
+
+    generator = torch.Generator().manual_seed(args.seed)
+    k = pipe.scheduler.num_steps(args.steps, args.strength)
+    bar = ProgressBar(edit_cost(k, args.mask_samples, args.guidance, user_mask is None), enabled=not args.quiet)
+    work = Work(pipe, bar)
+    try:
+        encoded = pipe.encode_image(image)
+        if user_mask is None:
+            work.phase("mask")
+            mask = pipe.generate_mask(encoded, source, target, num_samples=args.mask_samples,
+                                      num_inference_steps=args.steps, threshold=args.threshold, generator=generator)
+            if not bool(mask.mask.any()):
+                warnings.warn("the mask is empty: no region differs between the source and target prompts, so the "
+                              "edit only reconstructs the input; lower --threshold or rephrase the prompts.", UserWarning)
+            mask_image = mask.mask_images[0]
+        else:
+            mask = user_mask
+            mask_image = _mask_picture(user_mask)
+        inversion = pipe.invert(encoded, strength=args.strength, num_inference_steps=args.steps,
+                                callback=work.phase("encode"))
+        result = pipe.edit(inversion, mask, target, strength=args.strength, num_inference_steps=args.steps,
+                           guidance_scale=args.guidance, generator=generator, callback=work.phase("decode"))
+        bar.update(bar.total, "done")
+    finally:
+        bar.close()
+    edited = result.images[0]
+    pictures = {"edit": edited, "mask": mask_image,
+                "panel": side_by_side([image, overlay_mask(image, mask_image), edited], labels=["input", "mask", "edit"])}
+    for kind, path in outputs.items():
+        save_image(pictures[kind], path, overwrite=args.overwrite, protected=protected)
+        _report(args, kind, path)
+    return 0
+
+
+def run_mask(args: argparse.Namespace) -> int:
+    import torch
+    from .image_io import load_image, save_image
+    source, target = check_prompts(args.source, args.target)
+    image_path = Path(args.image).expanduser()
+    image = load_image(image_path)
+    outputs = plan_outputs(image_path, {"mask": args.out}, args.overwrite, [image_path])
+    pipe = load_pipeline(args)
+    check_schedule(pipe, args.steps, {"the mask noise strength": 0.5})
+    bar = ProgressBar(2 * args.mask_samples, enabled=not args.quiet)
+    try:
+        Work(pipe, bar).phase("mask")
+        mask = pipe.generate_mask(image, source, target, num_samples=args.mask_samples, num_inference_steps=args.steps,
+                                  threshold=args.threshold, generator=torch.Generator().manual_seed(args.seed))
+        bar.update(bar.total, "done")
+    finally:
+        bar.close()
+    if not bool(mask.mask.any()):
+        warnings.warn("the mask is empty: no region differs between the source and target prompts; "
+                      "lower --threshold or rephrase the prompts.", UserWarning)
+    save_image(mask.mask_images[0], outputs["mask"], overwrite=args.overwrite, protected=[image_path])
+    _report(args, "mask", outputs["mask"])
+    return 0
+
+
+def _mask_picture(mask):
+    from PIL import Image
+    return Image.fromarray((mask.numpy() * 255).astype("uint8"), "L")
+
+
+def _report(args: argparse.Namespace, kind: str, path: Path) -> None:
+    if not args.quiet:
+        print(f"{kind}: {path}", flush=True)
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise UsageError(f"`{PROG} {name}` is not part of this installation yet; see `{PROG} --help` for the "
+                         "commands there are.")
+    return run
+
+
+def _lazy(module: str, function: str) -> Callable:
+    """diffedit.<module>.<function>, imported when first called (keeps `diffedit --help` fast)."""
+    def call(*args):
+        import importlib
+        return getattr(importlib.import_module(f".{module}", __package__), function)(*args)
+    return call
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "edit": Command("edit an image: mask, encode, decode (writes the edit, the mask and a panel)",
+                    add_edit_arguments, run_edit),
+    "mask": Command("compute only the DiffEdit mask of an image", add_maskcmd_arguments, run_mask),
+    "eval": Command("run a benchmark with ground truth (the synthetic shapes world)",
+                    _lazy("shapes_eval", "add_arguments"), _lazy("shapes_eval", "run")),
+    "sweep": Command("run or resume an ablation grid from a JSON config",
+                     _lazy("sweep", "add_arguments"), _lazy("sweep", "run")),
+}
+RESERVED = ("eval", "sweep")  # a name here but not in COMMANDS answers "not part of this installation yet"
+
+
+# ---------------------------------------------------------------------- main
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2 in `main`) instead of printing usage."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`).")
+
+
+def build_parser(selected: str | None = None) -> ArgumentParser:
+    """The parser; only the `selected` command's arguments are added (the others are not needed
+    to parse, and adding them would import their modules)."""
+    parser = ArgumentParser(prog=PROG, description="DiffEdit (Couairon et al., ICLR 2023) on Stable Diffusion weights.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        if selected in (None, name):
+            command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    for name in RESERVED:
+        if name not in COMMANDS:
+            placeholder = commands.add_parser(name, help="(not available yet)")
+            placeholder.add_argument("rest", nargs=argparse.REMAINDER)
+            placeholder.set_defaults(run=_not_yet(name))
+    return parser
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.splitlines()).strip() or "unknown error"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    erase = "\r\x1b[K" if _is_terminal(sys.stderr) else ""  # a progress bar may be on this line
+    print(f"{erase}{PROG}: warning: {one_line(str(message))}", file=sys.stderr, flush=True)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    old_show, old_term = warnings.showwarning, signal.getsignal(signal.SIGTERM)
+    warnings.showwarning = _show_warning
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        old_term = None
+    try:
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # each warning once per place it is raised
+            return int(args.run(args) or 0)
+    except DiffEditError as e:
+        return _fail(str(e), EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        return _fail("interrupted; no output file was left half-written.", EXIT_INTERRUPTED)
+    except Terminated:
+        return _fail("terminated; no output file was left half-written.", EXIT_TERMINATED)
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
+        if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower():
+            raise
+        return _fail("ran out of memory; use a smaller image, fewer --mask-samples or --dtype bf16.", 1)
+    finally:
+        warnings.showwarning = old_show
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

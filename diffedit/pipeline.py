@@ -1,0 +1,444 @@
+"""The public API: `DiffEditPipeline`, in the names users of diffusers' pipeline know.
+
+    pipe = DiffEditPipeline.from_pretrained(path_or_id)          # or no argument: the embedded model
+    mask = pipe.generate_mask(image, source_prompt, target_prompt)  # DiffEdit step 1
+    inv = pipe.invert(image)                                      # step 2 (unconditional DDIM)
+    out = pipe.edit(inv, mask, target_prompt)                     # step 3
+    res = pipe(image, source_prompt=..., target_prompt=...)       # all three, one VAE encode
+
+The maths lives in method.py; this file turns images and prompts into tensors, caches what
+does not change (text embeddings per prompt, the latents of an image), counts UNet samples and
+checks the numbers stay finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import method
+from .devices import parse_device, parse_dtype
+from .errors import ModelLoadError, NumericalError, ParameterError, PromptError
+from .image_io import fit_to_model, load_image, as_pil, mask_to_pil, restore
+from .loading import StableDiffusion, load_model
+from .mask_maps import NORMALIZATIONS, mask_maps
+from .results import DiffEditResult, EditResult, EncodedImage, Inversion, MaskResult
+from .sampler import DDIM
+from .vae import decode_sliced, encode_sliced
+
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "weights" / "shapes-64"
+ImageInput = "str | os.PathLike | PIL.Image.Image | torch.Tensor | EncodedImage"
+
+
+@dataclass
+class Counters:
+    """Work done since the last reset: what the paper's cost accounting counts."""
+    unet_samples: int = 0     # rows of every UNet batch
+    vae_encodes: int = 0      # images through the VAE encoder
+    vae_decodes: int = 0      # images through the VAE decoder
+    text_encodes: int = 0     # prompts through the text encoder (cache misses)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class DiffEditPipeline:
+    def __init__(self, model: StableDiffusion, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.config = model.config
+        self.tokenizer, self.text_encoder, self.vae, self.unet = model.tokenizer, model.text_encoder, model.vae, model.unet
+        # predict_noise hands the method epsilon whatever the model predicts, so the sampler is
+        # the checkpoint's schedule read as an epsilon-prediction one.
+        self.prediction_type = model.config.scheduler.prediction_type
+        self.scheduler = DDIM(replace(model.config.scheduler, prediction_type="epsilon"))
+        self.device, self.dtype = device, dtype
+        self.counters = Counters()
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._latent_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = torch.float32, variant: str | None = None,
+                        preset: str | None = None) -> "DiffEditPipeline":
+        """Load a diffusers-layout folder, a single original-layout file or a hub id (None: the
+        small model embedded in the repository)."""
+        device = parse_device(device)
+        dtype = parse_dtype(dtype, device)
+        if path_or_id is None and not EMBEDDED_MODEL.is_dir():
+            raise ModelLoadError(f"the embedded model {EMBEDDED_MODEL} is not installed; pass a model folder, a "
+                                 "checkpoint file or a hub id (--model on the command line).")
+        model = load_model(EMBEDDED_MODEL if path_or_id is None else path_or_id, device, dtype, variant, preset)
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            model.unet.to(memory_format=torch.channels_last)
+            model.vae.to(memory_format=torch.channels_last)
+        return cls(model, device, dtype)
+
+    # ------------------------------------------------------------------ model calls
+
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text hidden states (B, L, D) in the model dtype, each prompt encoded once per pipeline."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            ids = self.tokenizer(missing).to(self.device)
+            with torch.inference_mode():
+                states = self.text_encoder(ids)
+            self.counters.text_encodes += len(missing)
+            self._prompt_cache.update(zip(missing, states))
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def predict_noise(self, x_t: torch.Tensor, t, context: torch.Tensor, level: int | None = None) -> torch.Tensor:
+        """The UNet's noise prediction eps (fp32) for fp32 latents x_t at timestep t; v-prediction
+        models are converted to epsilon here (eps = sqrt(a) v + sqrt(1 - a) x_t, a = alpha_bar at
+        `level`, the noise level of x_t: t unless given), so the method only ever sees eps."""
+        x = x_t.to(self.dtype)
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = self.unet(x, t, context).float()
+        self.counters.unet_samples += x_t.shape[0]
+        if self.prediction_type == "v_prediction":
+            out = self.scheduler.predict_x0_and_eps(out, x_t, t if level is None else level, "v_prediction")[1]
+        return out
+
+    def encode_image(self, image, sample_posterior: bool = False, generator: torch.Generator | None = None,
+                     resolution: int | None = None) -> EncodedImage:
+        """Load, fit to a multiple of 8 and VAE-encode one image or a list of same-size images.
+        The posterior mean is cached per pixel content: generate_mask, invert and __call__ on the
+        same image encode it once."""
+        if isinstance(image, EncodedImage):
+            return image
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        inputs = [load_image(x) if isinstance(x, (str, os.PathLike)) else as_pil(x) for x in images]
+        native = resolution or self.config.resolution
+        fitted = [fit_to_model(img, multiple=8, max_side=native) for img in inputs]
+        sizes = {tuple(px.shape[-2:]) for px, _ in fitted}
+        if len(sizes) > 1:
+            raise ParameterError(f"the images of one batch must have the same size after fitting (got {sorted(sizes)}); "
+                                 "resize them to one size or run them separately.")
+        pixels = torch.cat([px for px, _ in fitted]).to(self.device)
+        latents = self._encode_pixels(pixels, sample_posterior, generator)
+        return EncodedImage(pixels=pixels, latents=latents, geometry=[g for _, g in fitted], inputs=inputs)
+
+    def _encode_pixels(self, pixels: torch.Tensor, sample_posterior: bool, generator) -> torch.Tensor:
+        key = None
+        if not sample_posterior:
+            key = hashlib.sha1(pixels.cpu().numpy().tobytes() + str(pixels.shape).encode()).hexdigest()
+            if key in self._latent_cache:
+                self._latent_cache.move_to_end(key)
+                return self._latent_cache[key]
+        x = pixels.to(self.dtype)
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            posterior = encode_sliced(self.vae, x)  # one image at a time, tiled above vae.TILE_ABOVE px
+            z = posterior.sample(generator) if sample_posterior else posterior.mean
+        self.counters.vae_encodes += pixels.shape[0]
+        latents = z.float() * self.config.vae.scaling_factor
+        _check_finite(latents, "the VAE encoding")
+        if key is not None:
+            self._latent_cache[key] = latents
+            if len(self._latent_cache) > 16:
+                self._latent_cache.popitem(last=False)
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (fp32), clamped."""
+        z = (latents / self.config.vae.scaling_factor).to(self.dtype)
+        with torch.inference_mode():
+            pixels = decode_sliced(self.vae, z).float()
+        self.counters.vae_decodes += latents.shape[0]
+        _check_finite(pixels, "the VAE decoding")
+        return pixels.clamp(-1, 1)
+
+    # ------------------------------------------------------------------ DiffEdit step 1
+
+    def generate_mask(self, image, source_prompt: str | Sequence[str] = "", target_prompt: str | Sequence[str] = "",
+                      *, num_samples: int = 10, noise_strength: float = 0.5, num_inference_steps: int = 50,
+                      normalization: str = "paper", threshold: float = 0.5, clamp_std: float = 3.0,
+                      mean_ratio: float = 3.0, guidance_scale: float = 1.0,
+                      source_negative_prompt: str | Sequence[str] | None = None,
+                      target_negative_prompt: str | Sequence[str] | None = None,
+                      blur: float = 0.0, dilate: int = 0, chunk_size: int = 8,
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                      resolution: int | None = None) -> MaskResult:
+        """The mask (paper step 1): noise the image `num_samples` times to `noise_strength` (the
+        timestep of that strength on the `num_inference_steps` grid), compare the noise
+        predicted under `target_prompt` (the query) and `source_prompt` (a caption, or "").
+
+        normalization "paper" (outlier clamp, rescale to [0, 1]) or "mean_ratio" (diffusers'
+        clamp at mean_ratio x mean), per image; mask = soft > threshold; `blur` (Gaussian sigma
+        in latent cells) smooths the map before thresholding, `dilate` grows the mask by that
+        many latent cells. Guidance only matters with two different negative prompts (one given
+        means "" for the other). `noise` (B, n, C, h, w), if given, replaces the n samples drawn
+        from `generator` (and sets n)."""
+        _check_range("num_samples", num_samples, 1, None, integer=True)
+        _check_range("noise_strength", noise_strength, 0.0, 1.0, low_open=True)
+        _check_range("threshold", threshold, 0.0, 1.0)
+        _check_range("guidance_scale", guidance_scale, 0.0, None)
+        if normalization not in NORMALIZATIONS:
+            raise ParameterError(f"unknown mask normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
+        encoded = self.encode_image(image, resolution=resolution)
+        B = encoded.latents.shape[0]
+        sources, targets = _prompts(source_prompt, B, "source_prompt"), _prompts(target_prompt, B, "target_prompt")
+        check_prompt_pairs(sources, targets)
+        pairs = self.scheduler.step_pairs(num_inference_steps, noise_strength)
+        t = pairs[0][0]
+        x0 = encoded.latents
+        if noise is None:
+            noise = torch.randn((B, num_samples, *x0.shape[1:]), generator=generator,
+                                device=generator.device if generator is not None else "cpu").to(x0.device)
+        elif noise.dim() != 5 or noise.shape[0] != B or noise.shape[2:] != x0.shape[1:]:
+            raise ParameterError(f"noise must have shape (batch, samples, {', '.join(map(str, x0.shape[1:]))}) for "
+                                 f"these images, got {tuple(noise.shape)}; or pass no noise and a generator.")
+        uncond = [None, None]  # one negative prompt given means the other is "" (unconditional)
+        if guidance_scale != 1.0 and (source_negative_prompt, target_negative_prompt) != (None, None):
+            uncond = [self.encode_prompt(_prompts(negative if negative is not None else "", B, "negative prompt"))
+                      for negative in (source_negative_prompt, target_negative_prompt)]
+        eps_target, eps_source = method.mask_noise_predictions(
+            self.predict_noise, self.scheduler, x0, noise, t, self.encode_prompt(sources), self.encode_prompt(targets),
+            uncond[0], uncond[1], guidance_scale, chunk_size)
+        for eps in (eps_target, eps_source):
+            _check_finite(eps, f"the mask's noise predictions (t={int(t)})")
+        maps = mask_maps(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio)
+        soft = _smooth(maps.soft, blur) if blur > 0 else maps.soft
+        mask = soft > threshold
+        if dilate > 0:
+            mask = F.max_pool2d(mask[:, None].float(), 2 * dilate + 1, stride=1, padding=dilate)[:, 0] > 0
+        per_sample = (eps_target - eps_source).abs().mean(dim=2)
+        return MaskResult(
+            mask=mask, soft=soft, difference=maps.difference, per_sample=per_sample, timestep=int(t),
+            threshold=threshold, encoded=encoded,
+            mask_images=[_pixel_mask(soft[b], threshold, g, binary=True) for b, g in enumerate(encoded.geometry)],
+            soft_images=[_pixel_mask(soft[b], threshold, g, binary=False) for b, g in enumerate(encoded.geometry)])
+
+    # ------------------------------------------------------------------ DiffEdit step 2
+
+    def invert(self, image, prompt: str | Sequence[str] = "", *, strength: float = 0.8, num_inference_steps: int = 50,
+               guidance_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None,
+               sample_posterior: bool = False, generator: torch.Generator | None = None,
+               resolution: int | None = None, callback: Callable | None = None) -> Inversion:
+        """DDIM encoding (paper step 2) up to `strength` = r on the `num_inference_steps` grid.
+        Unconditional by default (prompt "", no guidance), as the paper encodes; every
+        intermediate latent is kept, so one inversion serves every edit strength <= r."""
+        _check_range("strength", strength, 0.0, 1.0, low_open=True)
+        _check_range("guidance_scale", guidance_scale, 0.0, None)
+        encoded = self.encode_image(image, sample_posterior=sample_posterior, generator=generator,
+                                    resolution=resolution)
+        B = encoded.latents.shape[0]
+        prompts = _prompts(prompt, B, "prompt", allow_empty=True)
+        negatives = _prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt",
+                             allow_empty=True)
+        pairs = self.scheduler.inverse_pairs(num_inference_steps, strength)
+        uncond = self.encode_prompt(negatives) if guidance_scale != 1.0 else None
+        latents = method.ddim_invert(self.predict_noise, self.scheduler, encoded.latents, pairs,
+                                     self.encode_prompt(prompts), uncond, guidance_scale,
+                                     callback=_finite_callback("inversion", callback))
+        return Inversion(latents=torch.stack(latents, dim=1), timesteps=[int(t) for _, t in pairs],
+                         num_inference_steps=num_inference_steps, strength=strength, prompt=prompts,
+                         guidance_scale=guidance_scale, negative_prompt=negatives if uncond is not None else None,
+                         encoded=encoded)
+
+    # ------------------------------------------------------------------ DiffEdit step 3
+
+    def edit(self, inversion: Inversion, mask, prompt: str | Sequence[str], *, strength: float | None = None,
+             num_inference_steps: int | None = None, guidance_scale: float = 7.5,
+             negative_prompt: str | Sequence[str] | None = None, blend: str = "paper", soft_mask: bool = False,
+             encode: bool = True, use_mask: bool = True, eta: float = 0.0, generator: torch.Generator | None = None,
+             callback: Callable[[method.StepTrace], None] | None = None) -> EditResult:
+        """Decode under `prompt` from the encoded latent at `strength` (default: the inversion's),
+        the region outside `mask` following the encoded latents (paper step 3).
+
+        Ablations: use_mask=False (encode-decode, no mask), encode=False (start from and blend
+        with noised latents: "DiffEdit w/o encoding"), both False = SDEdit; blend "paper",
+        "glide" (x0 interpolation) or "diffusers" (the deprecated pipeline's off-by-one blend).
+        A strength above the inversion's, or another step count, re-runs the inversion."""
+        if blend not in method.BLENDS:
+            raise ParameterError(f"unknown blend {blend!r}; use one of {', '.join(method.BLENDS)}.")
+        _check_range("guidance_scale", guidance_scale, 0.0, None)
+        _check_range("eta", eta, 0.0, 1.0)
+        steps = num_inference_steps or inversion.num_inference_steps
+        strength = inversion.strength if strength is None else strength
+        _check_range("strength", strength, 0.0, 1.0, low_open=True)
+        if encode and (steps != inversion.num_inference_steps or strength > inversion.strength):
+            inversion = self.invert(inversion.encoded, inversion.prompt, strength=strength, num_inference_steps=steps,
+                                    guidance_scale=inversion.guidance_scale, negative_prompt=inversion.negative_prompt)
+        encoded = inversion.encoded
+        B = encoded.latents.shape[0]
+        x0 = encoded.latents
+        prompts = _prompts(prompt, B, "prompt")
+        negatives = _prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt",
+                             allow_empty=True)
+        pairs = self.scheduler.step_pairs(steps, strength)
+        latent_mask = self._latent_mask(mask, x0, soft_mask) if use_mask else None
+        if encode:
+            reference = inversion.latent_at
+        else:
+            def reference(t: int) -> torch.Tensor:  # a fresh q(x_t | x0) sample at every step
+                if t < 0:
+                    return x0
+                fresh = torch.randn(x0.shape, generator=generator, device=_gen_device(generator)).to(x0.device)
+                return self.scheduler.add_noise(x0, fresh, t)
+        y = reference(pairs[0][0])
+        uncond = self.encode_prompt(negatives) if guidance_scale != 1.0 else None
+        y = method.masked_ddim_decode(self.predict_noise, self.scheduler, y, pairs, self.encode_prompt(prompts),
+                                      uncond, guidance_scale, latent_mask, reference, x0, blend, eta, generator,
+                                      callback=_finite_trace(callback))
+        pixels = self.decode_latents(y)
+        images = [restore(pixels[b], g) for b, g in enumerate(encoded.geometry)]
+        settings = dict(strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, blend=blend,
+                        soft_mask=soft_mask, encode=encode, use_mask=use_mask, eta=eta)
+        return EditResult(images=images, pixels=pixels, latents=y, mask=latent_mask,
+                          timesteps=[int(t) for t, _ in pairs], settings=settings)
+
+    def _latent_mask(self, mask, x0: torch.Tensor, soft: bool) -> torch.Tensor:
+        """The mask as (B, 1, h, w) float at latent resolution, from a MaskResult, a tensor of
+        latent or pixel size, or an image (resized; values must lie in [0, 1])."""
+        h, w = x0.shape[-2:]
+        if isinstance(mask, MaskResult):
+            m = (mask.soft if soft else mask.mask).float()
+        else:
+            m = _as_mask_tensor(mask)
+        if m.dim() == 2:
+            m = m[None]
+        if m.dim() == 3:
+            m = m[:, None]
+        if m.dim() != 4 or m.shape[1] != 1:
+            raise ParameterError(f"a mask must be (h, w), (B, h, w) or (B, 1, h, w); got shape {tuple(m.shape)}.")
+        if m.min() < 0 or m.max() > 1:
+            raise ParameterError("mask values must lie in [0, 1] (1 = edit, 0 = keep); rescale the mask.")
+        if m.shape[-2:] != (h, w):
+            m = F.adaptive_max_pool2d(m, (h, w)) if not soft else F.interpolate(m, (h, w), mode="area")
+        if m.shape[0] == 1 and x0.shape[0] > 1:
+            m = m.expand(x0.shape[0], -1, -1, -1)
+        if m.shape[0] != x0.shape[0]:
+            raise ParameterError(f"{m.shape[0]} masks for {x0.shape[0]} images; give one mask per image.")
+        return m.to(x0.device, torch.float32)
+
+    # ------------------------------------------------------------------ one shot
+
+    def __call__(self, image, source_prompt: str | Sequence[str] = "", target_prompt: str | Sequence[str] = "", *,
+                 strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt: str | Sequence[str] | None = None, num_mask_samples: int = 10,
+                 mask_noise_strength: float = 0.5, mask_threshold: float = 0.5, mask_normalization: str = "paper",
+                 mask=None, blend: str = "paper", soft_mask: bool = False, encode: bool = True,
+                 use_mask: bool = True, generator: torch.Generator | None = None, resolution: int | None = None,
+                 callback: Callable | None = None) -> DiffEditResult:
+        """generate_mask + invert + edit on one encoded image (given `mask` skips step 1).
+        `callback` receives a method.StepTrace per decoding step."""
+        before = self.counters.as_dict()
+        _check_range("strength", strength, 0.0, 1.0, low_open=True)  # refused before any work
+        _check_range("guidance_scale", guidance_scale, 0.0, None)
+        self.scheduler.step_pairs(num_inference_steps, strength)
+        encoded = self.encode_image(image, resolution=resolution)
+        if mask is None and use_mask:
+            mask = self.generate_mask(encoded, source_prompt, target_prompt, num_samples=num_mask_samples,
+                                      noise_strength=mask_noise_strength, num_inference_steps=num_inference_steps,
+                                      normalization=mask_normalization, threshold=mask_threshold,
+                                      generator=generator)
+        inversion = None
+        if encode:
+            inversion = self.invert(encoded, strength=strength, num_inference_steps=num_inference_steps)
+        else:
+            inversion = Inversion(latents=encoded.latents[:, None], timesteps=[], num_inference_steps=num_inference_steps,
+                                  strength=strength, prompt=[""] * encoded.latents.shape[0], guidance_scale=1.0,
+                                  negative_prompt=None, encoded=encoded)
+        out = self.edit(inversion, mask, target_prompt, strength=strength, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, negative_prompt=negative_prompt, blend=blend,
+                        soft_mask=soft_mask, encode=encode, use_mask=use_mask, generator=generator, callback=callback)
+        spent = {k: v - before[k] for k, v in self.counters.as_dict().items()}
+        return DiffEditResult(images=out.images, mask=mask if isinstance(mask, MaskResult) else None,
+                              inversion=inversion if encode else None, edit=out, counters=spent)
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _prompts(prompt, batch: int, name: str, allow_empty: bool = True) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not all(isinstance(p, str) for p in prompts):
+        raise PromptError(f"{name} must be a string or a list of strings.")
+    if len(prompts) == 1 and batch > 1:
+        prompts = prompts * batch
+    if len(prompts) != batch:
+        raise PromptError(f"{len(prompts)} {name}s for {batch} images; give one per image or a single one.")
+    return [" ".join(p.split()) for p in prompts]
+
+
+def check_prompt_pairs(sources: Sequence[str], targets: Sequence[str]) -> None:
+    """Refuse an empty target, and a target equal to its source: the noise predictions would be
+    equal, the mask empty and nothing edited. Prompts are compared whitespace-normalised."""
+    for source, target in zip(sources, targets):
+        source, target = " ".join(source.split()), " ".join(target.split())
+        if not target:
+            raise PromptError("the target prompt is empty; say what the edited image should show (e.g. 'a dog').")
+        if source == target:
+            raise PromptError(f"the source and target prompts are the same ({target!r}), so the mask would be empty "
+                              "and nothing would change; give a target that differs from the source.")
+
+
+def _check_range(name: str, value, low, high, low_open: bool = False, integer: bool = False) -> None:
+    if integer and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ParameterError(f"{name} must be an integer, got {value!r}.")
+    if not isinstance(value, (int, float)) or value != value:
+        raise ParameterError(f"{name} must be a number, got {value!r}.")
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value > high):
+        interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+        raise ParameterError(f"{name} must lie in {interval}, got {value}.")
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        raise NumericalError(f"NaN or inf appeared in {where}; the model overflowed in this precision: "
+                             "use dtype='bf16' or 'fp32'.")
+
+
+def _finite_callback(phase: str, user: Callable | None) -> Callable:
+    def check(i: int, t: int, x: torch.Tensor) -> None:
+        _check_finite(x, f"the {phase} latents at step {i + 1} (t={int(t)})")
+        if user is not None:
+            user(i, t, x)
+    return check
+
+
+def _finite_trace(user: Callable | None) -> Callable:
+    def check(trace: method.StepTrace) -> None:
+        _check_finite(trace.y_t, f"the decoding latents at step {trace.index + 1} (t={trace.t})")
+        if user is not None:
+            user(trace)
+    return check
+
+
+def _gen_device(generator: torch.Generator | None) -> str | torch.device:
+    return generator.device if generator is not None else "cpu"
+
+
+def _smooth(soft: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(3 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=soft.device)
+    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    m = soft[:, None]
+    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return m[:, 0]
+
+
+def _pixel_mask(soft: torch.Tensor, threshold: float, geometry, binary: bool):
+    """A latent-resolution soft map brought to the input's size: bilinear upsampling of the soft
+    map, then (binary) the threshold, so the mask edge is not blocky."""
+    return mask_to_pil(soft, geometry, threshold=threshold if binary else None)
+
+
+def _as_mask_tensor(mask) -> torch.Tensor:
+    if isinstance(mask, torch.Tensor):
+        return mask.detach().float().cpu()
+    pil = as_pil(mask) if not isinstance(mask, (str, os.PathLike)) else load_image(mask)
+    return torch.from_numpy(np.asarray(pil.convert("L"), dtype=np.float32) / 255.0)

@@ -1,0 +1,445 @@
+"""The `diffedit` command line: edit and mask end to end on a tiny random model, outputs at the
+input's size, the input never touched, --overwrite, one line and exit status 2 for user errors,
+and runs killed (SIGKILL) or interrupted (SIGINT) mid-write that leave no partial output.
+
+The model is a random "tiny" one built by tests/reference_models.py (16 px working size), so a
+whole edit takes about a second; the pixels mean nothing, the files and sizes do."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffedit.image_io as image_io
+from diffedit import cli
+from diffedit.files import is_temp_file
+from reference_models import build_reference
+
+FAST = ["--steps", "4", "--mask-samples", "2"]
+W, H = 53, 37  # not multiples of 8
+
+
+# ---------------------------------------------------------------------- helpers (shared with test_misuse/properties)
+
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """The random tiny model, built once per test session (model_index.json is written last)."""
+    folder = tmp_path_factory.getbasetemp() / "tiny-random-model"
+    if not (folder / "model_index.json").is_file():
+        build_reference("tiny", folder, seed=0)
+    return folder
+
+
+def noise_image(w: int = W, h: int = H, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under folder: (size, mtime_ns, sha256), to prove what did or did not change."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, list[str]]:
+    """main() in this process: (exit status, stdout, stderr lines)."""
+    capsys.readouterr()
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # only --help exits
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err.splitlines()
+
+
+def assert_one_line_error(code: int, out: str, err: list[str], *phrases: str) -> str:
+    assert code == 2, (code, err)
+    assert len(err) == 1, err
+    assert err[0].startswith("diffedit: error: ") and "Traceback" not in err[0], err
+    for phrase in phrases:
+        assert phrase in err[0], (phrase, err[0])
+    assert out == ""
+    return err[0]
+
+
+def assert_png(path: Path, size: tuple[int, int] | None = None, mode: str | None = None) -> Image.Image:
+    """A complete, valid PNG of this size (verify() checks every chunk's CRC, load() every pixel)."""
+    with Image.open(path) as probe:
+        assert probe.format == "PNG"
+        probe.verify()
+    image = Image.open(path)
+    image.load()
+    if size is not None:
+        assert image.size == size
+    if mode is not None:
+        assert image.mode == mode
+    return image
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny_model_folder(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine torch's default threads
+    make them 100x slower (they spin against each other and against other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    noise_image().save(tmp_path / "cat.png")
+    return tmp_path
+
+
+# ---------------------------------------------------------------------- end to end
+
+def test_edit_end_to_end(workdir, tiny_model, capsys):
+    before = snapshot(workdir)
+    code, out, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog",
+                              "--model", tiny_model, *FAST], capsys)
+    assert code == 0, err
+    assert err == []  # stderr is not a terminal: no progress bar
+    names = {kind: workdir / f"cat.{kind}.png" for kind in ("edit", "mask", "panel")}
+    assert out.splitlines() == [f"{kind}: {path}" for kind, path in names.items()]
+    assert sorted(os.listdir(workdir)) == sorted(["cat.png"] + [p.name for p in names.values()])
+    assert snapshot(workdir)["cat.png"] == before["cat.png"]  # the input is untouched
+
+    assert_png(names["edit"], (W, H), "RGB")
+    mask = np.asarray(assert_png(names["mask"], (W, H), "L"))
+    assert set(np.unique(mask)) <= {0, 255} and mask.any()
+    panel = assert_png(names["panel"])
+    assert panel.width == 3 * W + 2 * 8 and panel.height > H  # input | overlay | edit, 8 px apart, labels below
+    left = np.asarray(panel.convert("RGB"))[:H, :W]
+    assert np.array_equal(left, np.asarray(noise_image()))  # the first picture is the input itself
+
+
+def test_outputs_are_deterministic_and_mask_command_agrees(workdir, tiny_model, capsys):
+    common = ["--source", "a cat", "--target", "a dog", "--model", tiny_model, *FAST, "--seed", "7"]
+    for tag in ("a", "b"):
+        code, _, err = run_cli(["edit", workdir / "cat.png", *common, "--out", workdir / f"{tag}.png",
+                                "--mask-out", workdir / f"{tag}.mask.png", "--panel-out", workdir / f"{tag}.panel.png",
+                                "--quiet"], capsys)
+        assert code == 0, err
+    code, out, err = run_cli(["mask", workdir / "cat.png", *common, "--out", workdir / "m.png"], capsys)
+    assert code == 0 and out.strip() == f"mask: {workdir / 'm.png'}", err
+    pixels = {name: np.asarray(Image.open(workdir / name)) for name in ("a.png", "b.png", "a.mask.png", "b.mask.png",
+                                                                        "m.png")}
+    assert np.array_equal(pixels["a.png"], pixels["b.png"])
+    assert np.array_equal(pixels["a.mask.png"], pixels["b.mask.png"])
+    assert np.array_equal(pixels["a.mask.png"], pixels["m.png"])  # one seed, one mask, whichever command
+
+
+def test_mask_command_default_name(workdir, tiny_model, capsys):
+    code, out, err = run_cli(["mask", workdir / "cat.png", "--source", "", "--target", "a dog", "--model", tiny_model,
+                              *FAST], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(workdir)) == ["cat.mask.png", "cat.png"]
+    assert_png(workdir / "cat.mask.png", (W, H), "L")
+
+
+def test_overwrite(workdir, tiny_model, capsys):
+    argv = ["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model", tiny_model, *FAST,
+            "--quiet"]
+    assert run_cli(argv, capsys)[0] == 0
+    first = snapshot(workdir)
+
+    code, out, err = run_cli(argv, capsys)  # everything exists: refused before any work
+    assert_one_line_error(code, out, err, "cat.edit.png already exists", "--overwrite")
+    assert snapshot(workdir) == first
+
+    (workdir / "cat.edit.png").unlink()  # one output missing, two existing: still refused, nothing written
+    code, out, err = run_cli(argv, capsys)
+    assert_one_line_error(code, out, err, "cat.mask.png already exists")
+    assert "cat.edit.png" not in os.listdir(workdir)
+
+    time.sleep(0.01)
+    code, _, err = run_cli(argv + ["--seed", "3", "--overwrite"], capsys)
+    assert code == 0, err
+    after = snapshot(workdir)
+    assert after["cat.png"] == first["cat.png"]
+    assert after["cat.mask.png"][1] != first["cat.mask.png"][1]  # rewritten
+    assert sorted(after) == sorted(first)  # and nothing else
+
+
+@pytest.mark.parametrize("target", ["input", "symlink", "hardlink"])
+def test_input_is_never_overwritten(workdir, tiny_model, capsys, target):
+    path = {"input": workdir / "cat.png", "symlink": workdir / "link.png", "hardlink": workdir / "hard.png"}[target]
+    if target == "symlink":
+        path.symlink_to(workdir / "cat.png")
+    elif target == "hardlink":
+        os.link(workdir / "cat.png", path)
+    before = snapshot(workdir)
+    code, out, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model",
+                              tiny_model, "--out", path, "--overwrite"], capsys)
+    assert_one_line_error(code, out, err, "is one of the inputs", "choose another output name")
+    assert snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------------- user errors: exit 2, one line
+
+EDIT = ["edit", "cat.png", "--source", "a cat", "--target", "a dog", "--model", "MODEL"]
+USER_ERRORS = [
+    # id, argv (MODEL: the tiny model), phrases of the one stderr line
+    ("no-command", [], ["required: COMMAND"]),
+    ("unknown-command", ["paint"], ["invalid choice: 'paint'"]),
+    ("unknown-option", EDIT + ["--colour", "red"], ["unrecognized arguments: --colour red"]),
+    ("missing-target", EDIT[:4], ["required: --target"]),
+    ("steps-zero", EDIT + ["--steps", "0"], ["--steps", "at least 1"]),
+    ("steps-not-int", EDIT + ["--steps", "ten"], ["--steps", "'ten' is not an integer"]),
+    ("strength-zero", EDIT + ["--strength", "0"], ["--strength", "(0, 1]"]),
+    ("strength-nan", EDIT + ["--strength", "nan"], ["--strength", "not a finite number"]),
+    ("threshold", EDIT + ["--threshold", "1.5"], ["--threshold", "[0, 1]"]),
+    ("guidance", EDIT + ["--guidance", "-1"], ["--guidance", "0 or more"]),
+    ("mask-samples", EDIT + ["--mask-samples", "0"], ["--mask-samples", "at least 1"]),
+    ("seed", EDIT + ["--seed", "-1"], ["--seed"]),
+    ("dtype", EDIT + ["--dtype", "int8"], ["unknown dtype 'int8'", "fp32, bf16 or fp16"]),
+    ("device", EDIT + ["--device", "tpu"], ["unknown device 'tpu'"]),
+    ("out-suffix", EDIT + ["--out", "edit.bmp"], ["'.bmp'", ".png"]),
+    ("same-outputs", EDIT + ["--out", "x.png", "--mask-out", "x.png"], ["would both be", "x.png"]),
+    ("missing-image", ["mask", "nothing.png", *EDIT[2:]], ["nothing.png does not exist"]),
+    ("eval-no-benchmark", ["eval"], ["required: benchmark", "diffedit eval --help"]),
+    ("sweep-no-config", ["sweep"], ["required: config", "diffedit sweep --help"]),
+]
+
+
+@pytest.mark.parametrize("argv, phrases", [e[1:] for e in USER_ERRORS], ids=[e[0] for e in USER_ERRORS])
+def test_user_errors_exit_2_with_one_line(workdir, tiny_model, capsys, monkeypatch, argv, phrases):
+    monkeypatch.chdir(workdir)
+    before = snapshot(workdir)
+    code, out, err = run_cli([tiny_model if a == "MODEL" else a for a in argv], capsys)
+    assert_one_line_error(code, out, err, *phrases)
+    assert snapshot(workdir) == before
+
+
+def test_commands_come_from_the_table(capsys, monkeypatch):
+    """A command is one COMMANDS entry; a reserved name without an entry answers in one line."""
+    monkeypatch.setitem(cli.COMMANDS, "hello", cli.Command("say hello", lambda p: p.add_argument("--name"),
+                                                           lambda args: print(f"hello {args.name}") or 0))
+    assert run_cli(["hello", "--name", "DiffEdit"], capsys)[:2] == (0, "hello DiffEdit\n")
+    monkeypatch.delitem(cli.COMMANDS, "eval")
+    code, out, err = run_cli(["eval", "shapes"], capsys)
+    assert_one_line_error(code, out, err, "`diffedit eval` is not part of this installation yet")
+
+
+def console_command() -> list[str]:
+    script = Path(sys.executable).parent / "diffedit"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "diffedit.cli"]
+
+
+def test_console_script_user_error_no_traceback(workdir):
+    run = subprocess.run(console_command() + ["edit", "missing.png", "--source", "a", "--target", "b"],
+                         cwd=workdir, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == ["diffedit: error: the image file missing.png does not exist; check the path."]
+    assert run.stdout == ""
+
+
+# ---------------------------------------------------------------------- progress
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_and_erases():
+    stream = FakeTerminal()
+    bar = cli.ProgressBar(40, stream=stream)
+    bar.update(10, "mask")
+    bar.update(40, "decode")
+    bar.close()
+    text = stream.getvalue()
+    assert "mask      [#######.......................]  25% 10/40" in text
+    assert "decode    [##############################] 100% 40/40" in text
+    assert text.endswith("\r\x1b[K")
+    silent = io.StringIO()  # not a terminal: nothing at all
+    bar = cli.ProgressBar(40, stream=silent)
+    bar.update(20, "mask")
+    bar.close()
+    assert silent.getvalue() == ""
+
+
+def test_progress_counts_every_unet_sample(workdir, tiny_model, capsys, monkeypatch):
+    """The bar's total (2n + k + 2k UNet samples) is what the run really spends: the decode phase
+    ends exactly at total/total. --quiet draws nothing."""
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = cli.main(["edit", str(workdir / "cat.png"), "--source", "a cat", "--target", "a dog", "--model",
+                     str(tiny_model), "--steps", "5", "--strength", "0.6", "--mask-samples", "3"])
+    assert code == 0
+    total = 2 * 3 + 3 + 2 * 3
+    text = terminal.getvalue()
+    for label, done in (("mask", 0), ("encode", 6), ("encode", 9), ("decode", 11), ("decode", 15)):
+        assert f"{label:<9} [" in text and f"{done}/{total} UNet samples" in text, (label, done, text)
+    assert text.endswith("\r\x1b[K")
+    terminal.seek(0)
+    terminal.truncate()
+    code = cli.main(["mask", str(workdir / "cat.png"), "--source", "a cat", "--target", "a dog", "--model",
+                     str(tiny_model), *FAST, "--out", str(workdir / "quiet.png"), "--quiet"])
+    assert code == 0 and terminal.getvalue() == ""
+
+
+# ---------------------------------------------------------------------- interrupted runs
+
+# The CLI with image_io.atomic_write made slow: each output is written in 20 flushed chunks
+# `delay` seconds apart, announced on stdout, so a signal can land in the middle of a write.
+SLOW_WRITES = textwrap.dedent("""
+    import io, sys, time
+    from pathlib import Path
+    import diffedit.image_io as image_io
+    from diffedit.cli import main
+
+    delay, argv = float(sys.argv[1]), sys.argv[2:]
+    real_atomic_write = image_io.atomic_write
+
+    def slow_atomic_write(path, write_fn, **kwargs):
+        def slowly(f):
+            buffer = io.BytesIO()
+            write_fn(buffer)
+            data = buffer.getvalue()
+            print("writing", Path(path).name, flush=True)
+            step = max(1, len(data) // 20)
+            for i in range(0, len(data), step):
+                f.write(data[i:i + step])
+                f.flush()
+                time.sleep(delay)
+        return real_atomic_write(path, slowly, **kwargs)
+
+    image_io.atomic_write = slow_atomic_write
+    sys.exit(main(argv))
+""")
+
+
+def start_slow_cli(workdir: Path, model: Path, delay: float, *extra: str) -> subprocess.Popen:
+    argv = ["edit", "cat.png", "--source", "a cat", "--target", "a dog", "--model", str(model), *FAST, *extra]
+    return subprocess.Popen([sys.executable, "-c", SLOW_WRITES, str(delay), *argv], cwd=workdir, env=ONE_THREAD_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, wanted: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(f"the CLI ended before {wanted!r}: {process.stderr.read()}")
+        if line.strip() == wanted:
+            return
+    raise AssertionError(f"no {wanted!r} within {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    process.stdout.close()
+    process.stderr.close()
+
+
+def leftovers(workdir: Path) -> list[str]:
+    return sorted(n for n in os.listdir(workdir) if n not in ("cat.png", "cat.edit.png", "cat.mask.png", "cat.panel.png"))
+
+
+def test_sigkill_mid_write_leaves_no_partial_output(workdir, tiny_model, capsys):
+    """SIGKILL (no handler can run) while the second output, the mask, is half written."""
+    process = start_slow_cli(workdir, tiny_model, 0.05)
+    try:
+        wait_for_line(process, "writing cat.mask.png")
+        time.sleep(0.3)  # about 6 of the 20 chunks are on disk
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=120) == -signal.SIGKILL
+    finally:
+        stop(process)
+    assert_png(workdir / "cat.edit.png", (W, H), "RGB")  # written before the kill: complete
+    assert not (workdir / "cat.mask.png").exists() and not (workdir / "cat.panel.png").exists()
+    temps = leftovers(workdir)  # at most the killed writer's temporary file, clearly named
+    assert len(temps) == 1 and is_temp_file(temps[0]), temps
+    assert temps[0].startswith(".cat.mask.png.tmp-") and f".tmp-{process.pid}-" in temps[0]
+    assert (workdir / temps[0]).stat().st_size > 0  # it really was killed mid-write
+    assert not any(is_temp_file(p) for p in workdir.glob("*.png"))  # a glob for outputs never sees it
+
+    # The next run, without --overwrite, does not take the temp for an existing cat.mask.png, and
+    # deletes it (its writer is dead).
+    code, _, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model",
+                            tiny_model, *FAST, "--out", workdir / "again.png", "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(workdir)) == ["again.png", "cat.edit.png", "cat.mask.png", "cat.panel.png", "cat.png"]
+    assert_png(workdir / "cat.mask.png", (W, H), "L")
+
+
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated")])
+def test_signal_mid_write_cleans_up(workdir, tiny_model, capsys, monkeypatch, signum, status, word):
+    """Ctrl-C (SIGINT) or SIGTERM delivered to this process while the edit is half written: the
+    handler runs, the temporary file is removed, exit status 130 / 143 and one line."""
+    real = image_io.atomic_write
+
+    def signalled(path, write_fn, **kwargs):
+        def half(f):
+            f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 1000)
+            f.flush()
+            signal.raise_signal(signum)
+            time.sleep(5)  # never reached: the handler raises first
+        return real(path, half, **kwargs)
+    monkeypatch.setattr(image_io, "atomic_write", signalled)
+    handler = signal.getsignal(signal.SIGTERM)
+    # A background job of a non-interactive shell inherits SIGINT ignored; Ctrl-C comes from a
+    # terminal, where Python's own handler is installed: install it for this test.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, out, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model",
+                                  tiny_model, *FAST], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+    assert code == status and out == ""
+    assert err == [f"diffedit: error: {word}; no output file was left half-written."]
+    assert sorted(os.listdir(workdir)) == ["cat.png"]  # not even a temporary file
+    assert signal.getsignal(signal.SIGTERM) is handler  # main() put the previous handler back
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_times(workdir, tiny_model):
+    """Kill the CLI at random moments of a whole run (loading, computing, any write): every output
+    is either absent or a complete valid PNG of the input's size, and any other file is a temp."""
+    process = start_slow_cli(workdir, tiny_model, 0.02)
+    start = time.monotonic()
+    try:
+        assert process.wait(timeout=600) == 0
+    finally:
+        stop(process)
+    duration = time.monotonic() - start
+    rng = random.Random(1234)
+    for delay in sorted(rng.uniform(0.2, duration) for _ in range(4)):
+        for name in leftovers(workdir) + ["cat.edit.png", "cat.mask.png", "cat.panel.png"]:
+            (workdir / name).unlink(missing_ok=True)
+        process = start_slow_cli(workdir, tiny_model, 0.02)
+        try:
+            time.sleep(delay)
+            process.kill()
+            process.wait(timeout=120)
+        finally:
+            stop(process)
+        for name in ("cat.edit.png", "cat.mask.png"):
+            if (workdir / name).exists():
+                assert_png(workdir / name, (W, H))
+        if (workdir / "cat.panel.png").exists():
+            assert_png(workdir / "cat.panel.png")
+        assert all(is_temp_file(name) for name in leftovers(workdir)), leftovers(workdir)

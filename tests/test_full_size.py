@@ -1,0 +1,162 @@
+"""Full-size SD 1.5 and SD 2.1 architectures, random weights: our models against diffusers /
+transformers in fp32, and the peak memory of loading (slow: minutes on a 2-core CPU).
+
+Each architecture is built ONCE (module-scoped fixture) with the reference libraries and saved in
+diffusers layout; the reference outputs are computed and the reference models freed before our
+loader reads the folder, so only one full model is in memory at a time. Inputs are small (batch 1,
+32x32 and 64x64 latents, 128 px images).
+
+The bar is the one of test_models_parity.py: max|ours - ref| / max|ref| < 1e-4."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffedit.loading import StableDiffusion, load_model
+from diffedit.tokenizer import Tokenizer
+from reference_models import build_reference
+from test_models_parity import compare
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+LATENT_SIZES = (32, 64)
+TIMESTEPS = (1, 981)
+IMAGE_SIZE = 128
+PROMPTS = ["a photo of a cat sitting on a red sofa", ""]
+RSS_SLACK_BYTES = 600 * 2**20  # torch and Python themselves, whatever the model
+
+
+class FullSize:
+    """One architecture built by the reference libraries and saved. The reference outputs and our
+    model are made on first use, in that order, the reference models being freed in between: only
+    one full model is in memory at a time, and a test that needs only the folder costs no forward."""
+
+    def __init__(self, arch: str, folder: Path, reference_models: tuple, inputs: dict):
+        self.arch, self.folder, self.inputs = arch, folder, inputs
+        self._reference_models = reference_models
+
+    @cached_property
+    def expected(self) -> dict:
+        start = time.perf_counter()
+        out = reference_outputs(*self._reference_models, self.inputs)
+        self._reference_models = None
+        gc.collect()
+        print(f"\n[full-size {self.arch}] reference forwards {time.perf_counter() - start:.0f} s")
+        return out
+
+    @cached_property
+    def model(self) -> StableDiffusion:
+        assert self.expected  # the reference models are gone before ours is loaded
+        start = time.perf_counter()
+        model = load_model(self.folder)
+        print(f"\n[full-size {self.arch}] diffedit load {time.perf_counter() - start:.1f} s")
+        return model
+
+
+def make_inputs(unet_in: int, context_dim: int, latent_channels: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    inputs = {f"latents{s}": torch.randn(1, unet_in, s, s, generator=g) for s in LATENT_SIZES}
+    inputs["context"] = torch.randn(1, 77, context_dim, generator=g)
+    inputs["images"] = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1
+    inputs["z"] = torch.randn(1, latent_channels, IMAGE_SIZE // 8, IMAGE_SIZE // 8, generator=g)
+    return inputs
+
+
+@torch.no_grad()
+def reference_outputs(unet, vae, text, inputs: dict) -> dict:
+    out = {}
+    for s in LATENT_SIZES:
+        for t in TIMESTEPS:
+            out[f"unet{s}/{t}"] = unet(inputs[f"latents{s}"], t, encoder_hidden_states=inputs["context"]).sample
+    out["vae_mean"] = vae.encode(inputs["images"]).latent_dist.mean
+    out["vae_decode"] = vae.decode(inputs["z"]).sample
+    out["text"] = text(inputs["ids"]).last_hidden_state
+    return out
+
+
+@pytest.fixture(scope="module", params=["sd15", "sd21"])
+def full(request, tmp_path_factory):
+    arch, start = request.param, time.perf_counter()
+    folder, (unet, vae, text) = build_reference(arch, tmp_path_factory.mktemp(arch), seed=0, with_models=True)
+    print(f"\n[full-size {arch}] build+save {time.perf_counter() - start:.0f} s")
+    inputs = make_inputs(unet.config.in_channels, unet.config.cross_attention_dim, vae.config.latent_channels)
+    inputs["ids"] = Tokenizer.from_folder(folder / "tokenizer")(PROMPTS)
+    built = FullSize(arch, folder, (unet, vae, text), inputs)
+    del unet, vae, text
+    yield built
+    vars(built).clear()  # drop our model and the outputs before the next architecture
+    gc.collect()
+    shutil.rmtree(folder, ignore_errors=True)  # ~5 GB per architecture
+
+
+@pytest.mark.parametrize("size", LATENT_SIZES)
+@pytest.mark.parametrize("timestep", TIMESTEPS)
+@torch.no_grad()
+def test_unet(full, size, timestep):
+    start = time.perf_counter()
+    out = full.model.unet(full.inputs[f"latents{size}"], timestep, full.inputs["context"])
+    print(f"[full-size {full.arch}] diffedit UNet {size}x{size}: {time.perf_counter() - start:.1f} s")
+    compare(f"{full.arch} UNet {size}x{size} t={timestep}", out, full.expected[f"unet{size}/{timestep}"])
+
+
+@torch.no_grad()
+def test_vae(full):
+    compare(f"{full.arch} VAE encode mean {IMAGE_SIZE}px", full.model.vae.encode(full.inputs["images"]).mean,
+            full.expected["vae_mean"])
+    compare(f"{full.arch} VAE decode {IMAGE_SIZE}px", full.model.vae.decode(full.inputs["z"]), full.expected["vae_decode"])
+
+
+@torch.no_grad()
+def test_text_encoder(full):
+    width = {"sd15": 768, "sd21": 1024}[full.arch]
+    out = full.model.text_encoder(full.inputs["ids"])
+    assert out.shape == (len(PROMPTS), 77, width)
+    compare(f"{full.arch} text encoder", out, full.expected["text"])
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, re, sys, time
+    from pathlib import Path
+    import torch
+    from diffedit.loading import load_model
+
+    def peak_rss():  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+
+    baseline = peak_rss()
+    start = time.perf_counter()
+    model = load_model(sys.argv[1])
+    seconds = time.perf_counter() - start
+    params = sum(p.numel() * p.element_size() for m in (model.unet, model.vae, model.text_encoder)
+                 for p in m.parameters())
+    print(json.dumps({"baseline": baseline, "peak": peak_rss(), "seconds": seconds, "param_bytes": params}))
+""")
+
+
+def test_peak_rss_of_loading(full):
+    """Loading never holds two copies of the weights: peak RSS <= 1.3 x fp32 weight bytes + 600 MB."""
+    weight_bytes = sum(f.stat().st_size for f in full.folder.glob("*/*.safetensors"))
+    run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(full.folder)], capture_output=True, text=True,
+                         timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    m = json.loads(run.stdout.strip().splitlines()[-1])
+    gib = 2**30
+    print(f"[full-size {full.arch}] load {m['seconds']:.1f} s; peak RSS {m['peak'] / gib:.2f} GiB "
+          f"(after imports {m['baseline'] / gib:.2f} GiB) for {weight_bytes / gib:.2f} GiB of fp32 weights "
+          f"(bound {(1.3 * weight_bytes + RSS_SLACK_BYTES) / gib:.2f} GiB)")
+    assert m["baseline"] < RSS_SLACK_BYTES, "the measurement counts more than this process"
+    assert abs(m["param_bytes"] - weight_bytes) < 0.01 * weight_bytes  # the files are the fp32 weights
+    assert m["peak"] <= 1.3 * weight_bytes + RSS_SLACK_BYTES
