@@ -197,7 +197,9 @@ def test_mean_ratio_soft_map_equals_diffusers_formula(tiny, monkeypatch):
     their_soft = their_map.clamp(0, clamp) / clamp
     assert record("mean_ratio soft map vs diffusers", (ours.soft - their_soft).abs().max()) < MASK_TOL
     scaled = record("difference map x |1 - g| vs diffusers' map", (ours.difference * abs(1 - g) - their_map).abs().max())
-    assert scaled < MASK_TOL * their_map.max()
+    # |1 - g| = 6.5 amplifies the rounding of two nearly equal eps; summation order (thread count)
+    # moves it by ~2e-6 on a map of max 0.14: a relative bar of 1e-4 still fails any real mistake.
+    assert scaled < 1e-4 * their_map.max()
 
 
 # ------------------------------------------------------------------ 2. inversion
@@ -206,7 +208,7 @@ def test_mean_ratio_soft_map_equals_diffusers_formula(tiny, monkeypatch):
 def test_conditional_inversion_equals_diffusers_invert(request, arch):
     pair = request.getfixturevalue(FIXTURES[arch])
     encoded = pair.ours.encode_image(sample_image())
-    steps, strength = 20, 0.8
+    steps, strength = 10, 0.8
     ours = pair.ours.invert(encoded, SOURCE, strength=strength, num_inference_steps=steps, guidance_scale=7.5)
     theirs = pair.theirs.invert(prompt=SOURCE, image=encoded.latents, num_inference_steps=steps,
                                 inpaint_strength=strength, guidance_scale=7.5).latents
@@ -231,7 +233,7 @@ def shared_mask(pair: Pair, encoded) -> torch.Tensor:
 def test_off_by_one_blend_equals_diffusers_call(request, arch):
     pair = request.getfixturevalue(FIXTURES[arch])
     encoded = pair.ours.encode_image(sample_image())
-    steps, strength = 20, 0.8
+    steps, strength = 10, 0.8
     inversion = pair.ours.invert(encoded, SOURCE, strength=strength, num_inference_steps=steps, guidance_scale=7.5)
     mask = shared_mask(pair, encoded)
     ours = pair.ours.edit(inversion, mask, TARGET, guidance_scale=7.5, blend="diffusers")
@@ -278,7 +280,7 @@ def reference_paper_edit(pipe, x0: torch.Tensor, mask: torch.Tensor, prompt: str
 def test_paper_blend_equals_reference_loop(request, arch):
     pair = request.getfixturevalue(FIXTURES[arch])
     encoded = pair.ours.encode_image(sample_image())
-    steps, strength = 20, 0.8
+    steps, strength = 10, 0.8
     mask = shared_mask(pair, encoded)
     inversion = pair.ours.invert(encoded, strength=strength, num_inference_steps=steps)   # unconditional
     ours = pair.ours.edit(inversion, mask, TARGET, guidance_scale=7.5)                 # blend="paper"
