@@ -422,21 +422,22 @@ NB02 = [
     plt.show()
     """),
     md("""
-    What to look for (the numbers above are this model's, on only 10 edits, so differences of one
-    edit, 0.1 in success, are noise):
+    What the paper reports, to compare with the numbers above (this model, 10 edits only: one edit is
+    0.1 of success, so differences of that size are noise; `diffedit eval shapes` runs 50):
 
-    - along $r$, a larger encoding ratio gives the query more freedom (success tends to rise) at the
-      cost of the input (background PSNR tends to fall), as in the paper's curves;
-    - the mask holds the background: DiffEdit keeps a far higher background PSNR than `no_mask` and
+    - along $r$, a larger encoding ratio gives the query more freedom (success rises) at the cost of
+      the input (background PSNR falls): the trade-off curve of the paper's Fig. 4;
+    - the mask holds the background: DiffEdit keeps a much higher background PSNR than `no_mask` and
       `sdedit`, at a similar success;
-    - DDIM encoding keeps what the mask does not cover in its place: `no_encode` starts from noise and
-      loses the layout inside the mask, which the checker sees as failed edits;
-    - the threshold sets the mask's size: too low and the mask spreads over the background, too high
-      and it no longer covers the object.
+    - DDIM encoding keeps the input inside the mask where the query does not ask for a change (the
+      object's position, size, the texture under it), where a fresh noisy start (`no_encode`) has to
+      redraw them: the difference shows inside the mask, not in the background PSNR;
+    - the threshold sets the mask's size: low, the mask spreads over the background (lower background
+      PSNR); high, it stops covering the whole object (lower IoU, and eventually failed edits).
     """),
     code("""
     gap = runs["diffedit"]["bg_psnr"] - runs["sdedit"]["bg_psnr"]
-    print(f"DiffEdit keeps the background {gap:+.1f} dB better than SDEdit at r = {settings.strength:g} "
+    print(f"at r = {settings.strength:g}, DiffEdit's background PSNR is {gap:.1f} dB above SDEdit's "
           f"(success {runs['diffedit']['success']:.2f} vs {runs['sdedit']['success']:.2f}).")
     """),
     md("""
@@ -582,7 +583,7 @@ NB03 = [
         print("No Stable Diffusion weights found: DIFFEDIT_SD_WEIGHTS is not set and no known checkpoint is in\\n"
               f"the Hugging Face cache ({HF_HUB_CACHE}).\\n"
               "To run this notebook, either\\n"
-              "  hf download stable-diffusion-v1-5/stable-diffusion-v1-5   (see the first cell for the files needed)\\n"
+              "  hf download stable-diffusion-v1-5/stable-diffusion-v1-5   (the introduction above lists the files needed)\\n"
               "or set DIFFEDIT_SD_WEIGHTS=/path/to/folder-or-file (and DIFFEDIT_SD_PRESET=sd1 for a single file).\\n"
               "The remaining cells are skipped.")
     else:
