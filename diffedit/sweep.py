@@ -14,7 +14,8 @@ CONFIG (JSON; every key but "items" optional):
      "metrics": {"lpips": {"factory": "my.module:make_lpips", "weights": "/path/lpips.pth"}},
      "save_images": true}
 
-Axes and defaults: see AXES. "ablation" is "none" (DiffEdit), "no_mask" (encode-decode),
+Axes and defaults: see AXES in sweep_plan.py (the config, items and run keys live there).
+"ablation" is "none" (DiffEdit), "no_mask" (encode-decode),
 "no_encode" (mask, noised latents instead of encoded ones) or "sdedit" (neither).
 
 Work that does not change along an axis is done once:
@@ -43,11 +44,9 @@ happened in; every other column is a function of the settings alone.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -61,213 +60,12 @@ from PIL import Image
 
 from . import metrics as M
 from .errors import OutputFileError, ParameterError
-from .image_io import atomic_write, atomic_write_text, load_image, mask_to_pil, save_image
-from .method import BLENDS
+from .image_io import atomic_write, atomic_write_text, mask_to_pil, save_image
+from .sweep_plan import (ABLATIONS, IDENTITY_KEYS, Item, Run, SweepConfig, _digest, effective_settings, load_items,
+                         plan_runs)
+from .sweep_plan import AXES, comparable  # noqa: F401  (re-exported: figures and users import them from here)
 
-AXES: dict[str, Any] = {          # canonical run order: the first axes vary slowest
-    "num_inference_steps": 50, "seed": 0, "mask_samples": 10, "mask_noise_strength": 0.5,
-    "threshold": 0.5, "strength": 0.8, "guidance_scale": 7.5, "blend": "paper", "ablation": "none"}
-ABLATIONS = {"none": (True, True), "no_mask": (True, False), "no_encode": (False, True), "sdedit": (False, False)}
-MASK_AXES = ("mask_samples", "mask_noise_strength", "threshold", "blend")   # ignored without a mask
-CONFIG_KEYS = ("model", "device", "dtype", "resolution", "items", "grid", "metrics", "save_images")
-IDENTITY_KEYS = ("model", "dtype", "resolution", "items", "metrics")        # must match to resume
-RUN_DEPENDENT = ("time_", "cache_")
 RESULTS, CSV_NAME, CONFIG_NAME, ITEMS_NAME = "results.jsonl", "results.csv", "sweep.json", "items.json"
-
-
-# ---------------------------------------------------------------------- config
-
-@dataclass
-class SweepConfig:
-    items: dict
-    grid: dict[str, list]
-    model: str | None = None
-    device: str = "cpu"
-    dtype: str = "fp32"
-    resolution: int | None = None
-    metrics: dict = field(default_factory=dict)
-    save_images: bool = True
-
-    @classmethod
-    def parse(cls, config: "dict | str | os.PathLike | SweepConfig") -> "SweepConfig":
-        if isinstance(config, SweepConfig):
-            return config
-        if isinstance(config, (str, os.PathLike)):
-            path = Path(config).expanduser()
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except OSError as e:
-                raise ParameterError(f"cannot read the sweep config {path} ({e.strerror}); check the path.") from None
-            except json.JSONDecodeError as e:
-                raise ParameterError(f"the sweep config {path} is not valid JSON ({e.msg}, line {e.lineno}); "
-                                     "fix it.") from None
-        if not isinstance(config, dict):
-            raise ParameterError("a sweep config must be a JSON object with at least an 'items' entry.")
-        unknown = sorted(set(config) - set(CONFIG_KEYS))
-        if unknown:
-            raise ParameterError(f"unknown sweep config keys {unknown}; use only {', '.join(CONFIG_KEYS)}.")
-        if "items" not in config:
-            raise ParameterError('the sweep config needs "items": {"benchmark": "shapes", "count": N} or '
-                                 '{"folder": DIR}.')
-        grid = config.get("grid") or {}
-        if not isinstance(grid, dict):
-            raise ParameterError('"grid" must be an object mapping axis names to a value or a list of values.')
-        bad = sorted(set(grid) - set(AXES))
-        if bad:
-            raise ParameterError(f"unknown grid axes {bad}; use {', '.join(AXES)}.")
-        values = {a: _as_list(grid.get(a, default), a) for a, default in AXES.items()}
-        cfg = cls(items=config["items"], grid=values, model=config.get("model"),
-                  device=config.get("device", "cpu"), dtype=config.get("dtype", "fp32"),
-                  resolution=config.get("resolution"), metrics=config.get("metrics") or {},
-                  save_images=bool(config.get("save_images", True)))
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        for axis, (ok, wanted) in AXIS_CHECKS.items():
-            for v in self.grid[axis]:
-                if not ok(v):
-                    raise ParameterError(f"grid axis {axis!r}: {v!r} is not {wanted}; fix the config.")
-        g = self.grid
-        for steps, r in itertools.product(g["num_inference_steps"], g["strength"]):
-            if int(steps * r) < 1:
-                raise ParameterError(f"strength {r} leaves no step out of {steps} (int(steps * r) = 0); "
-                                     "raise the strength or the number of steps.")
-        if not isinstance(self.metrics, dict) or not all(isinstance(v, dict) and {"factory", "weights"} <= set(v)
-                                                         for v in self.metrics.values()):
-            raise ParameterError('"metrics" must map names to {"factory": "module:function", "weights": PATH}.')
-
-    def identity(self) -> dict:
-        return {k: getattr(self, k) for k in IDENTITY_KEYS}
-
-    def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in CONFIG_KEYS}
-
-
-def _as_list(value, axis: str) -> list:
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise ParameterError(f"the grid axis {axis!r} has no values; give at least one.")
-    if len(set(map(json.dumps, values))) != len(values):
-        raise ParameterError(f"the grid axis {axis!r} repeats a value ({values}); list each value once.")
-    return values
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-AXIS_CHECKS = {
-    "num_inference_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "mask_samples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "mask_noise_strength": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
-    "threshold": (lambda v: _is_num(v) and 0 <= v <= 1, "in [0, 1]"),
-    "strength": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
-    "guidance_scale": (lambda v: _is_num(v) and v >= 0, ">= 0"),
-    "blend": (lambda v: v in BLENDS, f"one of {', '.join(BLENDS)}"),
-    "ablation": (lambda v: v in ABLATIONS, f"one of {', '.join(ABLATIONS)}"),
-}
-
-
-# ---------------------------------------------------------------------- items
-
-@dataclass
-class Item:
-    id: str
-    image: Image.Image
-    source: str
-    target: str
-    gt_mask: np.ndarray | None = None     # (H, W) bool, the region the edit may change
-    edit: Any = None                      # a shapes_world.Edit (ground truth for check_edit)
-
-
-def load_items(spec: dict) -> list[Item]:
-    """{"benchmark": "shapes", "count": N} or {"folder": DIR} (see the module docstring)."""
-    if isinstance(spec, dict) and spec.get("benchmark") is not None:
-        if spec["benchmark"] != "shapes" or not _is_int(spec.get("count")) or spec["count"] < 1:
-            raise ParameterError('benchmark items read {"benchmark": "shapes", "count": N} with N >= 1.')
-        from .shapes_world import heldout_edits
-        return [Item(f"shapes-{i:03d}", Image.fromarray(e.source_image), e.source_caption, e.target_caption,
-                     e.edit_mask, e) for i, e in enumerate(heldout_edits(spec["count"]))]
-    if isinstance(spec, dict) and spec.get("folder") is not None:
-        return _folder_items(Path(spec["folder"]).expanduser())
-    raise ParameterError('"items" must be {"benchmark": "shapes", "count": N} or {"folder": DIR}.')
-
-
-def _folder_items(folder: Path) -> list[Item]:
-    if (folder / "manifest.json").is_file():
-        entries = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        entries = entries.get("items") if isinstance(entries, dict) else entries
-    elif (folder / "manifest.csv").is_file():
-        with open(folder / "manifest.csv", newline="", encoding="utf-8") as f:
-            entries = list(csv.DictReader(f))
-    else:
-        raise ParameterError(f"{folder} has no manifest.json or manifest.csv; write one listing image, source, target "
-                             "(and optionally gt_mask, id) per item.")
-    if not isinstance(entries, list) or not entries:
-        raise ParameterError(f"the manifest in {folder} lists no items; give a list of objects with image, source "
-                             "and target.")
-    items = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not e.get("image") or e.get("target") in (None, "") or e.get("source") is None:
-            raise ParameterError(f"manifest entry {i} in {folder} needs 'image', 'source' and a non-empty 'target'.")
-        image = load_image(folder / e["image"])
-        gt = None
-        if e.get("gt_mask"):
-            gt = M.as_bool_mask(load_image(folder / e["gt_mask"]).convert("L"), image.size)
-        item_id = str(e.get("id") or f"{i:03d}-{Path(e['image']).stem}")
-        items.append(Item(item_id, image, e["source"], e["target"], gt))
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        raise ParameterError(f"the manifest in {folder} repeats item ids; give each item a distinct 'id'.")
-    return items
-
-
-# ---------------------------------------------------------------------- runs and keys
-
-@dataclass(frozen=True)
-class Run:
-    item: int            # index into the item list
-    item_id: str
-    settings: tuple      # (axis, value) pairs in AXES order
-
-    @property
-    def s(self) -> dict:
-        return dict(self.settings)
-
-    @property
-    def key(self) -> str:
-        return json.dumps({"item": self.item_id, **self.s}, sort_keys=True)
-
-
-def plan_runs(cfg: SweepConfig, items: list[Item]) -> list[Run]:
-    """Every (item, grid point), items outermost, then the axes in AXES order."""
-    names = list(AXES)
-    return [Run(i, item.id, tuple(zip(names, combo)))
-            for i, item in enumerate(items) for combo in itertools.product(*(cfg.grid[a] for a in names))]
-
-
-def effective_settings(s: dict) -> dict:
-    """The settings that can change the output of a run: the ablation drops the axes it ignores
-    (no mask: the mask axes; encoding without a mask: also the seed, as DDIM with eta = 0 draws
-    no noise)."""
-    encode, use_mask = ABLATIONS[s["ablation"]]
-    drop = set() if use_mask else set(MASK_AXES) | ({"seed"} if encode else set())
-    return {k: v for k, v in s.items() if k not in drop}
-
-
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def comparable(row: dict) -> dict:
-    """A row without the columns that depend on run order (timings, cache hits)."""
-    return {k: v for k, v in row.items() if not k.startswith(RUN_DEPENDENT)}
 
 
 # ---------------------------------------------------------------------- results files
