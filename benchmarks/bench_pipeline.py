@@ -278,6 +278,9 @@ def mask_disagreement(work: Path, a: str, b: str) -> float:
 def print_report(results: dict[str, RunResult], work: Path, w: Workload) -> dict:
     print(f"\nOne edit, {w.arch} random weights, {w.size} px, n={w.mask_samples}, {w.steps} steps, r={w.strength}, "
           f"guidance {w.guidance}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from diffedit.devices import cpu_has_fast_bf16
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16 convolutions: "
+          f"{'yes' if cpu_has_fast_bf16() else 'NO (bf16 is emulated and slower than fp32 here)'}")
     print("| run | load s | mask s | inversion s | decode s | edit total s | in UNet s | VAE s | text s | "
           "UNet samples | VAE enc/dec | peak RSS GB | edit CPU s | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -287,23 +290,25 @@ def print_report(results: dict[str, RunResult], work: Path, w: Workload) -> dict
               f"{r.total:.2f} | {r.unet_seconds:.2f} | {r.vae_seconds:.2f} | {r.text_seconds:.2f} | "
               f"{r.unet_samples} | {r.vae_encodes}/{r.vae_decodes} | {r.peak_rss_gb:.2f} | {r.cpu_total:.1f} | "
               f"{r.load_average:.1f} |")
-    theirs, fp32, bf16 = results["diffusers-fp32"], results["diffedit-fp32"], results["diffedit-bf16"]
-    summary = {
-        "speed fp32: diffusers / diffedit fp32 (target >= 2.0)": theirs.total / fp32.total,
-        "speed bf16: diffusers fp32 / diffedit bf16 (target >= 4.0)": theirs.total / bf16.total,
-        "CPU time fp32: diffusers / diffedit fp32": theirs.cpu_total / fp32.cpu_total,
-        "CPU time bf16: diffusers fp32 / diffedit bf16": theirs.cpu_total / bf16.cpu_total,
-        "peak RSS: diffedit fp32 / diffusers fp32 (target <= 0.85)": fp32.peak_rss_gb / theirs.peak_rss_gb,
-        "peak RSS: diffedit bf16 / diffusers fp32 (target <= 0.5)": bf16.peak_rss_gb / theirs.peak_rss_gb,
-    }
-    for r in (fp32, bf16):
+    theirs, fp32, bf16 = (results.get(name) for name in ("diffusers-fp32", "diffedit-fp32", "diffedit-bf16"))
+    summary = {}
+    if theirs and fp32:
+        summary["speed fp32: diffusers / diffedit fp32 (target >= 2.0)"] = theirs.total / fp32.total
+        summary["CPU time fp32: diffusers / diffedit fp32"] = theirs.cpu_total / fp32.cpu_total
+        summary["peak RSS: diffedit fp32 / diffusers fp32 (target <= 0.85)"] = fp32.peak_rss_gb / theirs.peak_rss_gb
+    if theirs and bf16:
+        summary["speed bf16: diffusers fp32 / diffedit bf16 (target >= 4.0)"] = theirs.total / bf16.total
+        summary["CPU time bf16: diffusers fp32 / diffedit bf16"] = theirs.cpu_total / bf16.cpu_total
+        summary["peak RSS: diffedit bf16 / diffusers fp32 (target <= 0.5)"] = bf16.peak_rss_gb / theirs.peak_rss_gb
+    for r in (x for x in (fp32, bf16) if x):
         summary[f"{r.name}: bare UNet sample s (batch 2)"] = r.bare_sample
         summary[f"{r.name}: edit total / (UNet samples x bare sample) (target <= 1.10)"] = \
             r.total / (r.unet_samples * r.bare_sample)
-    summary["bf16 vs fp32 edit: max |diff| (8-bit levels)"], summary["bf16 vs fp32 edit: mean |diff| (8-bit levels)"] = \
-        pixel_difference(work, "diffedit-fp32", "diffedit-bf16")
-    summary["bf16 vs fp32 mask: fraction of latent cells that differ"] = \
-        mask_disagreement(work, "diffedit-fp32", "diffedit-bf16")
+    if fp32 and bf16:
+        summary["bf16 vs fp32 edit: max |diff| (8-bit levels)"], summary["bf16 vs fp32 edit: mean |diff| (8-bit levels)"] = \
+            pixel_difference(work, "diffedit-fp32", "diffedit-bf16")
+        summary["bf16 vs fp32 mask: fraction of latent cells that differ"] = \
+            mask_disagreement(work, "diffedit-fp32", "diffedit-bf16")
     print()
     for name, value in summary.items():
         print(f"{name}: {value:.3f}" if value < 100 else f"{name}: {value:.1f}")
@@ -317,6 +322,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny reference model, 32 px, 2 mask samples, 4 steps")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, alternating order")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                        help="which runs (default: all three; bf16 is slow on a CPU without native bf16)")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     for hidden in ("--model", "--image", "--workload", "--out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -330,9 +337,10 @@ def main() -> None:
         work = Path(tmp)
         image = work / "input.png"
         synthetic_picture(w.size, w.seed).save(image)
-        runs: dict[str, list[RunResult]] = {name: [] for name in RUNS}
+        order = [name for name in RUNS if name in args.runs]
+        runs: dict[str, list[RunResult]] = {name: [] for name in order}
         for repeat in range(args.repeats):
-            for name in (RUNS if repeat % 2 == 0 else RUNS[::-1]):
+            for name in (order if repeat % 2 == 0 else order[::-1]):
                 runs[name].append(run_child(name, model, image, w, work, repeat))
         results = {name: median_run(rs) for name, rs in runs.items()}
         summary = print_report(results, work, w)

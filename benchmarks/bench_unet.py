@@ -1,8 +1,8 @@
 """diffedit's UNet against diffusers' UNet2DConditionModel: forward time on the same random
 SD 1.5 weights (a benchmark script, not a test).
 
-    python benchmarks/bench_unet.py                 # batch 2, latents 32x32 and 64x64, fp32 and bf16
-    python benchmarks/bench_unet.py --repeats 5 --sizes 64 --dtypes bf16
+    python benchmarks/bench_unet.py                 # batch 2, latents 32x32 and 64x64, fp32, fp32 packed, bf16
+    python benchmarks/bench_unet.py --repeats 5 --sizes 64 --dtypes bf16 fp32-packed
 
 Both models share one set of weights (diffusers' random init, perturbed so that no layer is
 trivially zero). fp32 runs in the default memory format; bf16 runs with bf16 weights and
@@ -31,10 +31,15 @@ from diffusers import UNet2DConditionModel  # noqa: E402  (oracle only: benchmar
 
 from diffedit.config import UNetConfig  # noqa: E402
 from diffedit.model_io import build_module  # noqa: E402
+from diffedit.packed_conv import pack_convolutions  # noqa: E402
 from diffedit.unet import UNet  # noqa: E402
 from reference_models import ARCHITECTURES, perturb_  # noqa: E402
 
-DTYPES = {"fp32": (torch.float32, torch.contiguous_format), "bf16": (torch.bfloat16, torch.channels_last)}
+DTYPES = {"fp32": (torch.float32, torch.contiguous_format),
+          # fp32 with diffedit's 3x3 convolutions packed for oneDNN (diffedit/packed_conv.py), as the
+          # pipeline runs them on the CPU; diffusers' model is the same plain fp32 one
+          "fp32-packed": (torch.float32, torch.contiguous_format),
+          "bf16": (torch.bfloat16, torch.channels_last)}
 
 
 @dataclass
@@ -117,6 +122,8 @@ def main() -> None:
         dtype, memory_format = DTYPES[dtype_name]
         theirs = theirs.to(dtype=dtype, memory_format=memory_format)
         ours = our_unet(theirs).to(memory_format=memory_format)
+        if dtype_name.endswith("-packed"):
+            pack_convolutions(ours)  # packs lazily, per input shape: the warm-up call packs
         for size in args.sizes:
             rows.append(bench(ours, theirs, size, dtype_name, args.batch, args.repeats))
             r = rows[-1]

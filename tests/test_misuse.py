@@ -189,16 +189,32 @@ def with_model(build: Callable[[Path, Path], Path], *extra) -> Callable:
 
 
 def nan_at_decoding_step(step: int) -> Callable:
-    """Make the UNet answer NaN at the given decoding step (FAST: 1 mask call, 3 encoding calls,
-    then the decoding calls)."""
+    """Make the UNet answer NaN at the given decoding step (counting only the calls made inside
+    DiffEditPipeline.edit, outside any inversion it runs)."""
     def patch(monkeypatch, folder):
-        real, calls = DiffEditPipeline.predict_noise, []
+        real_predict, real_edit, real_invert = DiffEditPipeline.predict_noise, DiffEditPipeline.edit, \
+            DiffEditPipeline.invert
+        state = {"decoding": False, "calls": 0}
 
         def poisoned(self, x_t, t, context, *args, **kwargs):
-            calls.append(int(t))
-            eps = real(self, x_t, t, context, *args, **kwargs)
-            return eps * float("nan") if len(calls) == 4 + step else eps
+            eps = real_predict(self, x_t, t, context, *args, **kwargs)
+            if state["decoding"]:
+                state["calls"] += 1
+                if state["calls"] == step:
+                    return eps * float("nan")
+            return eps
+
+        def flagged(flag: bool, real):
+            def wrapper(self, *args, **kwargs):
+                before, state["decoding"] = state["decoding"], flag
+                try:
+                    return real(self, *args, **kwargs)
+                finally:
+                    state["decoding"] = before
+            return wrapper
         monkeypatch.setattr(DiffEditPipeline, "predict_noise", poisoned)
+        monkeypatch.setattr(DiffEditPipeline, "edit", flagged(True, real_edit))
+        monkeypatch.setattr(DiffEditPipeline, "invert", flagged(False, real_invert))
     return patch
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffedit import vae as vae_lib
+from diffedit import devices, vae as vae_lib
 from diffedit.errors import ParameterError
 from diffedit.pipeline import DiffEditPipeline
 from reference_models import build_reference
@@ -45,9 +46,15 @@ def fp32(folder) -> DiffEditPipeline:
     return DiffEditPipeline.from_pretrained(folder)
 
 
+def load_bf16(folder) -> DiffEditPipeline:
+    with warnings.catch_warnings():  # on a CPU without native bf16: slow, but just as correct
+        warnings.simplefilter("ignore", devices.PrecisionWarning)
+        return DiffEditPipeline.from_pretrained(folder, dtype="bf16")
+
+
 @pytest.fixture(scope="module")
 def bf16(folder) -> DiffEditPipeline:
-    return DiffEditPipeline.from_pretrained(folder, dtype="bf16")
+    return load_bf16(folder)
 
 
 def image(seed: int = 0, size: int = 16) -> torch.Tensor:
@@ -97,7 +104,7 @@ def test_bf16_pipeline_does_all_arithmetic_outside_the_models_in_fp32(folder):
     """Both pipelines get the same model outputs (the fp32 models, inputs and outputs rounded to
     bf16); if the bf16 pipeline did any step of DDIM, the mask statistics or the blend in bf16,
     its results would differ from the fp32 pipeline's."""
-    ours32, ours16 = DiffEditPipeline.from_pretrained(folder), DiffEditPipeline.from_pretrained(folder, dtype="bf16")
+    ours32, ours16 = DiffEditPipeline.from_pretrained(folder), load_bf16(folder)
     reference = DiffEditPipeline.from_pretrained(folder)  # untouched models for the stubs to call
     for pipe in (ours32, ours16):
         pipe.text_encoder.forward = lambda ids, dtype=pipe.dtype: reference.text_encoder(ids).bfloat16().to(dtype)
@@ -121,6 +128,27 @@ def test_bf16_edit_is_close_to_fp32(fp32, bf16):
         f"bf16 edit differs from fp32 by mean {diff.mean():.3f}, max {diff.max():.3f}"
     # and the pipeline in bf16 is not secretly fp32: the numbers do differ
     assert diff.max() > 0
+
+
+def test_fast_bf16_check_agrees_with_the_convolution_torch_picks():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1).bfloat16().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        conv(x)
+    onednn = any(e.key == "aten::mkldnn_convolution" for e in prof.key_averages())
+    assert onednn == devices.cpu_has_fast_bf16()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(devices.PrecisionWarning, match="no native bf16"):
+        assert devices.parse_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert devices.parse_dtype("bf16", cpu) == torch.bfloat16
+        assert devices.parse_dtype("fp32", cpu) == torch.float32
 
 
 # ---------------------------------------------------------------------- VAE slicing and tiling

@@ -253,3 +253,17 @@ def test_command_line(tmp_path, capsys):
     assert run(args) == 0
     assert "1 rows (1 run now, 0 already done)" in capsys.readouterr().out
     assert len(read_rows(tmp_path / "out")) == 1 and (tmp_path / "out" / "results.csv").is_file()
+
+
+def test_the_readme_sweep_example_is_real():
+    """The README's sweep command names a config in the repository that parses, and the figures it
+    shows exist (they were made by that command; see notebooks/sweeps/README.md)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert "diffedit sweep notebooks/sweeps/strength.json" in readme
+    cfg = SweepConfig.parse(root / "notebooks" / "sweeps" / "strength.json")
+    assert len(cfg.grid["strength"]) > 1 and cfg.items["benchmark"] == "shapes"
+    for figure in ("strength-grid.png", "strength-tradeoff.png"):
+        assert f"notebooks/sweeps/{figure}" in readme
+        with Image.open(root / "notebooks" / "sweeps" / figure) as im:
+            assert min(im.size) >= 128

@@ -1,0 +1,119 @@
+"""3x3 convolutions with their weights kept in oneDNN's blocked layout, for inference on the CPU.
+
+torch's CPU convolution hands oneDNN a weight in the plain (out, in, kh, kw) layout, and oneDNN
+reorders it into its blocked layout on every call: the whole weight is read and written once more
+per call. Where the arithmetic is small against the weight -- SD's 1280-channel convolutions on
+8x8 and 4x4 latents, i.e. the two lowest UNet levels of a 256-px edit -- that reorder is most of
+the call. Measured on this 2-core AVX2 CPU, batch 2, fp32 (ms per call, plain -> packed):
+
+    1280 -> 1280 at 4x4     46.7 -> 8.2        1280 -> 1280 at 8x8    68.5 -> 22.3
+     320 ->  320 at 32x32   34.5 -> 26.3       a whole SD 1.5 UNet at 32x32 latents: 2.11 -> 1.6 s/sample
+
+`PackedConv2d` stores the weight once, in the layout oneDNN picks for the shape of the input it
+sees (the layout depends on that shape: packing for the wrong one was measured up to 15x slower
+than plain). So it packs on its first call and re-packs, from the packed weight itself, when the
+input shape changes. Re-packing every weight costs about 4 s for SD 1.5, more than a UNet call,
+and an edit changes batch twice (mask and decoding at batch 2, inversion at batch 1). The big
+weights (>= REPACK_BYTES: the 1280- and 640-channel convolutions of the low levels) were measured
+insensitive to the batch size (within 10 % at batch 1, 2 and 8), the small ones up to 4x
+sensitive; so big weights are re-packed only when the image size changes, small ones (a tenth of
+the bytes) at every shape change. The parameter count, `state_dict()` keys and values (plain
+layout) are those of `nn.Conv2d`; the results differ from the plain convolution by rounding only
+(another summation order: about 4e-6 relative on a whole UNet).
+
+1x1 convolutions are left alone: packing never helped them here and sometimes made them 20x
+slower. When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed
+op has no backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPACK_BYTES = 16 * 2**20  # weights this big keep their layout across batch sizes (see above)
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Packing serves fp32 on a CPU with oneDNN (bf16 only where the CPU runs it natively)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    from .devices import cpu_has_fast_bf16
+    return dtype == torch.bfloat16 and cpu_has_fast_bf16()
+
+
+class PackedConv2d(nn.Module):
+    """An `nn.Conv2d` (3x3 or larger, any stride) whose weight lives in oneDNN's layout for the
+    last input shape seen."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        assert conv.padding_mode == "zeros" and isinstance(conv.padding, tuple), "only zero, numeric padding"
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)  # plain until the first call
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+        self.packed_for: tuple | None = None  # the input shape the weight is laid out for
+        self.batch_blind = conv.weight.numel() * conv.weight.element_size() >= REPACK_BYTES
+
+    def plain_weight(self) -> torch.Tensor:
+        return self.weight if self.packed_for is None else self.weight.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.conv2d(x, self.plain_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.packed_for is None or not self._fits(x.shape):
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.plain_weight(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape))
+            self.weight = nn.Parameter(packed, requires_grad=False)  # the old layout is freed here
+            self.packed_for = tuple(x.shape)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            "none", [], "")
+
+    def _fits(self, shape: torch.Size) -> bool:
+        """Is the current layout the one for inputs of this shape?"""
+        return tuple(shape[1:] if self.batch_blind else shape) == (self.packed_for[1:] if self.batch_blind
+                                                                  else self.packed_for)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.plain_weight() if keep_vars else self.plain_weight().detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, packed_for={self.packed_for}")
+
+
+def pack_convolutions(module: nn.Module) -> int:
+    """Replace every non-1x1 `nn.Conv2d` inside `module` by a `PackedConv2d` (in place, one at a
+    time, so no second copy of the weights is ever held). Returns how many were replaced."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d and child.kernel_size != (1, 1):
+                setattr(parent, name, PackedConv2d(child))
+                count += 1
+    return count
+
+
+def unpack_convolutions(module: nn.Module) -> int:
+    """Turn every `PackedConv2d` back into a plain `nn.Conv2d` (same weights). Returns the count."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedConv2d):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                 child.padding, child.dilation, child.groups, bias=child.bias is not None,
+                                 device="meta")
+                conv.weight = nn.Parameter(child.plain_weight().detach(), requires_grad=False)
+                if child.bias is not None:
+                    conv.bias = child.bias
+                setattr(parent, name, conv)
+                count += 1
+    return count

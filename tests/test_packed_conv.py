@@ -1,0 +1,129 @@
+"""Packed convolutions (diffedit/packed_conv.py): the same map as nn.Conv2d up to rounding, on
+irregular shapes, strides and batch sizes; re-packing when the input shape changes; the plain
+weights in state_dict and back through unpack; autograd falls back to the plain path; the
+pipeline packs on the CPU and can be told not to."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from diffedit import packed_conv
+from diffedit.packed_conv import PackedConv2d, can_pack, pack_convolutions, unpack_convolutions
+from diffedit.pipeline import DiffEditPipeline
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32), reason="torch built without oneDNN")
+
+REL = 1e-5  # another summation order only: measured <= 5e-7 relative on these shapes
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,pad,shape", [
+    (3, 5, 3, 1, 1, (1, 3, 7, 9)),
+    (6, 4, 3, 2, 1, (3, 6, 11, 5)),
+    (5, 7, 3, 2, 0, (2, 5, 9, 8)),
+    (16, 8, 5, 1, 2, (2, 16, 6, 6)),
+    (33, 17, 3, 1, 1, (1, 33, 4, 13)),
+])
+def test_same_map_as_conv2d_on_irregular_shapes(cin, cout, k, stride, pad, shape):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad).eval()
+    packed = PackedConv2d(conv)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        expected, got = conv(x), packed(x)
+        assert got.shape == expected.shape and rel_err(got, expected) < REL
+        channels_last = packed(x.contiguous(memory_format=torch.channels_last))
+        assert rel_err(channels_last, expected) < REL
+
+
+def test_repacks_when_the_shape_changes_and_keeps_plain_weights_in_state_dict():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    packed = PackedConv2d(conv)
+    with torch.inference_mode():
+        for shape in [(2, 8, 6, 6), (1, 8, 10, 7), (2, 8, 6, 6)]:
+            x = torch.randn(shape)
+            assert rel_err(packed(x), conv(x)) < REL
+            assert packed.packed_for == shape and packed.weight.layout == torch._mkldnn
+    state = packed.state_dict()
+    assert list(state) == ["weight", "bias"]
+    assert torch.equal(state["weight"], conv.weight) and torch.equal(state["bias"], conv.bias)
+    assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in conv.parameters())
+
+
+def test_autograd_takes_the_plain_path():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    packed = PackedConv2d(conv)
+    with torch.inference_mode():
+        packed(torch.randn(1, 4, 5, 5))  # now packed
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    packed(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    conv(x2).square().sum().backward()
+    assert rel_err(x.grad, x2.grad) < REL
+
+
+def test_pack_skips_1x1_and_unpack_restores_plain_convolutions():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 1),
+                          nn.Sequential(nn.Conv2d(8, 4, 3, stride=2, padding=1)))
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 9, 9)
+    with torch.inference_mode():
+        expected = model(x)
+        assert pack_convolutions(model) == 2
+        assert type(model[2]) is nn.Conv2d and isinstance(model[3][0], PackedConv2d)
+        assert rel_err(model(x), expected) < REL
+        assert model.state_dict().keys() == reference.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+        assert unpack_convolutions(model) == 2
+        assert not any(isinstance(m, PackedConv2d) for m in model.modules())
+        assert torch.equal(model(x), expected)
+
+
+def test_pipeline_packs_on_the_cpu_and_can_be_told_not_to(tmp_path):
+    from reference_models import build_reference
+    folder = build_reference("tiny", tmp_path / "tiny", seed=0)[0]
+    packed, plain = DiffEditPipeline.from_pretrained(folder), DiffEditPipeline.from_pretrained(folder,
+                                                                                             pack_convolutions=False)
+    assert any(isinstance(m, PackedConv2d) for m in packed.unet.modules())
+    assert any(isinstance(m, PackedConv2d) for m in packed.vae.modules())
+    assert not any(isinstance(m, PackedConv2d) for m in plain.unet.modules())
+    latents = torch.randn(2, 4, 8, 8)
+    context = plain.encode_prompt(["a red circle", ""])
+    t = torch.tensor([500, 500])
+    with torch.inference_mode():
+        assert rel_err(packed.unet(latents, t, context), plain.unet(latents, t, context)) < REL
+        image = torch.rand(1, 3, 64, 64) * 2 - 1
+        assert rel_err(packed.vae.encode(image).mean, plain.vae.encode(image).mean) < REL
+    assert packed.unet.state_dict().keys() == plain.unet.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(packed.unet.state_dict().values(), plain.unet.state_dict().values()))
+
+
+def test_no_packing_off_the_cpu_or_in_emulated_bf16(monkeypatch):
+    assert not can_pack(torch.device("cuda"), torch.float32)
+    monkeypatch.setattr("diffedit.devices.cpu_has_fast_bf16", lambda: False)
+    assert not can_pack(torch.device("cpu"), torch.bfloat16)
+    assert packed_conv.can_pack(torch.device("cpu"), torch.float32)
+
+
+def test_big_weights_keep_their_layout_across_batch_sizes(monkeypatch):
+    monkeypatch.setattr(packed_conv, "REPACK_BYTES", 8 * 8 * 9 * 4)  # an 8 -> 8 3x3 fp32 weight counts as big
+    torch.manual_seed(4)
+    big, small = PackedConv2d(nn.Conv2d(8, 8, 3, padding=1)), PackedConv2d(nn.Conv2d(8, 4, 3, padding=1))
+    assert big.batch_blind and not small.batch_blind
+    with torch.inference_mode():
+        for module in (big, small):
+            module(torch.randn(2, 8, 6, 6))
+            layout = module.weight
+            y = module(torch.randn(1, 8, 6, 6))  # another batch size
+            assert (module.weight is layout) == module.batch_blind
+            module(torch.randn(1, 8, 5, 7))  # another image size: always re-packed
+            assert module.packed_for == (1, 8, 5, 7)
+        x = torch.randn(3, 8, 6, 6)
+        assert rel_err(big(x), nn.functional.conv2d(x, big.plain_weight(), big.bias, padding=1)) < REL
+        assert y.shape == (1, 4, 6, 6)
