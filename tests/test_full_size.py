@@ -112,6 +112,24 @@ def test_unet(full, size, timestep):
     compare(f"{full.arch} UNet {size}x{size} t={timestep}", out, full.expected[f"unet{size}/{timestep}"])
 
 
+@torch.inference_mode()
+def test_unet_with_packed_convolutions(full):
+    """The pipeline's CPU path (3x3 convolutions packed for oneDNN, diffedit/packed_conv.py) meets
+    the same bar; the model is unpacked again afterwards."""
+    from diffedit.packed_conv import pack_convolutions, unpack_convolutions
+    if not torch.backends.mkldnn.is_available():
+        pytest.fail("torch was built without oneDNN: the pipeline's CPU path cannot be checked")
+    count = pack_convolutions(full.model.unet)
+    try:
+        assert count > 50
+        for size in LATENT_SIZES:
+            out = full.model.unet(full.inputs[f"latents{size}"], TIMESTEPS[-1], full.inputs["context"])
+            compare(f"{full.arch} UNet packed {size}x{size} t={TIMESTEPS[-1]}", out,
+                    full.expected[f"unet{size}/{TIMESTEPS[-1]}"])
+    finally:
+        unpack_convolutions(full.model.unet)
+
+
 @torch.no_grad()
 def test_vae(full):
     compare(f"{full.arch} VAE encode mean {IMAGE_SIZE}px", full.model.vae.encode(full.inputs["images"]).mean,
