@@ -29,7 +29,7 @@ demo: $(VENV)/.runtime
 	@mkdir -p $(DEMO)
 	$(VENV)/bin/diffedit edit weights/examples/red-circle.png \
 		--source "a red circle and a yellow square on a gray background" \
-		--target "a blue circle and a yellow square on a gray background" \
+		--target "a red triangle and a yellow square on a gray background" \
 		--out $(DEMO)/edit.png --mask-out $(DEMO)/mask.png --panel-out $(DEMO)/panel.png --overwrite
 	@echo "demo: see $(DEMO)/panel.png (input | mask | edit)"
 
