@@ -121,3 +121,30 @@ if __name__ == "__main__":
         REFERENCE.parent.mkdir(exist_ok=True)
         REFERENCE.write_text(json.dumps(reference_result(), indent=1) + "\n")
         print(f"wrote {REFERENCE}")
+
+
+def test_make_demo_edit_changes_the_shape_and_keeps_the_rest(tmp_path):
+    """The edit `make demo` runs (its arguments read from the Makefile): the files appear, the
+    pixels change inside the mask and stay close to the input outside it."""
+    import re
+    import shlex
+
+    from PIL import Image
+
+    from diffedit.cli import main
+
+    recipe = (REPO / "Makefile").read_text(encoding="utf-8").split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    command = " ".join(line.strip().rstrip("\\") for line in recipe.splitlines()[1:] if "diffedit edit" in line
+                       or line.startswith("\t\t"))
+    args = shlex.split(command.split("diffedit edit", 1)[1])
+    args = [a.replace("$(DEMO)", str(tmp_path)) for a in args]
+    image = REPO / args[0]
+    assert re.search(r"circle", args[args.index("--source") + 1]) and "--target" in args
+    assert main(["edit", str(image), *args[1:]]) == 0
+    edit = np.asarray(Image.open(tmp_path / "edit.png").convert("RGB"), dtype=np.float32)
+    mask = np.asarray(Image.open(tmp_path / "mask.png").convert("L")) > 127
+    source = np.asarray(Image.open(image).convert("RGB").resize(edit.shape[1::-1]), dtype=np.float32)
+    assert (tmp_path / "panel.png").is_file() and 0.02 < mask.mean() < 0.5
+    change = np.abs(edit - source).mean(axis=-1)
+    assert change[mask].mean() > 3 * change[~mask].mean()
+    assert change[~mask].mean() < 10  # 8-bit levels: the background is kept
