@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import devices
+
 REPACK_BYTES = 16 * 2**20  # weights this big keep their layout across batch sizes (see above)
 
 
@@ -39,10 +41,7 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """Packing serves fp32 on a CPU with oneDNN (bf16 only where the CPU runs it natively)."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    if dtype == torch.float32:
-        return True
-    from .devices import cpu_has_fast_bf16
-    return dtype == torch.bfloat16 and cpu_has_fast_bf16()
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and devices.cpu_has_fast_bf16())
 
 
 class PackedConv2d(nn.Module):
@@ -65,7 +64,7 @@ class PackedConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return F.conv2d(x, self.plain_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.packed_for is None or not self._fits(x.shape):
+        if self.packed_for is None or self._layout_key(x.shape) != self._layout_key(self.packed_for):
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 self.plain_weight(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape))
@@ -75,10 +74,9 @@ class PackedConv2d(nn.Module):
             x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "none", [], "")
 
-    def _fits(self, shape: torch.Size) -> bool:
-        """Is the current layout the one for inputs of this shape?"""
-        return tuple(shape[1:] if self.batch_blind else shape) == (self.packed_for[1:] if self.batch_blind
-                                                                  else self.packed_for)
+    def _layout_key(self, shape) -> tuple:
+        """Inputs with equal keys share a layout: big weights ignore the batch size."""
+        return tuple(shape)[1:] if self.batch_blind else tuple(shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.plain_weight() if keep_vars else self.plain_weight().detach()
@@ -90,30 +88,34 @@ class PackedConv2d(nn.Module):
                 f"padding={self.padding}, packed_for={self.packed_for}")
 
 
-def pack_convolutions(module: nn.Module) -> int:
-    """Replace every non-1x1 `nn.Conv2d` inside `module` by a `PackedConv2d` (in place, one at a
-    time, so no second copy of the weights is ever held). Returns how many were replaced."""
+def _replace_children(module: nn.Module, replace) -> int:
+    """Swap each submodule `c` for which replace(c) is not None, one at a time; returns the count."""
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Conv2d and child.kernel_size != (1, 1):
-                setattr(parent, name, PackedConv2d(child))
+            new = replace(child)
+            if new is not None:
+                setattr(parent, name, new)
                 count += 1
     return count
+
+
+def pack_convolutions(module: nn.Module) -> int:
+    """Replace every non-1x1 `nn.Conv2d` inside `module` by a `PackedConv2d` (in place, one at a
+    time, so no second copy of the weights is ever held). Returns how many were replaced."""
+    return _replace_children(module, lambda c: PackedConv2d(c) if type(c) is nn.Conv2d and c.kernel_size != (1, 1)
+                             else None)
+
+
+def _plain_conv(packed: PackedConv2d) -> nn.Conv2d:
+    conv = nn.Conv2d(packed.in_channels, packed.out_channels, packed.kernel_size, packed.stride, packed.padding,
+                     packed.dilation, packed.groups, bias=packed.bias is not None, device="meta")
+    conv.weight = nn.Parameter(packed.plain_weight().detach(), requires_grad=False)
+    if packed.bias is not None:
+        conv.bias = packed.bias
+    return conv
 
 
 def unpack_convolutions(module: nn.Module) -> int:
     """Turn every `PackedConv2d` back into a plain `nn.Conv2d` (same weights). Returns the count."""
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, PackedConv2d):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 child.padding, child.dilation, child.groups, bias=child.bias is not None,
-                                 device="meta")
-                conv.weight = nn.Parameter(child.plain_weight().detach(), requires_grad=False)
-                if child.bias is not None:
-                    conv.bias = child.bias
-                setattr(parent, name, conv)
-                count += 1
-    return count
+    return _replace_children(module, lambda c: _plain_conv(c) if isinstance(c, PackedConv2d) else None)

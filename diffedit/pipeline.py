@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from . import method, packed_conv
 from .devices import parse_device, parse_dtype
-from .packed_conv import can_pack
 from .errors import ModelLoadError, NumericalError, ParameterError, PromptError
 from .image_io import fit_to_model, load_image, as_pil, mask_to_pil, restore
 from .loading import StableDiffusion, load_model
@@ -82,7 +81,7 @@ class DiffEditPipeline:
         if dtype == torch.bfloat16 and device.type == "cpu":
             model.unet.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
-        if pack_convolutions and can_pack(device, dtype):
+        if pack_convolutions and packed_conv.can_pack(device, dtype):
             packed_conv.pack_convolutions(model.unet)
             packed_conv.pack_convolutions(model.vae)
         return cls(model, device, dtype)

@@ -44,6 +44,7 @@ happened in; every other column is a function of the settings alone.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -61,11 +62,16 @@ from PIL import Image
 from . import metrics as M
 from .errors import OutputFileError, ParameterError
 from .image_io import atomic_write, atomic_write_text, mask_to_pil, save_image
-from .sweep_plan import (ABLATIONS, IDENTITY_KEYS, Item, Run, SweepConfig, _digest, effective_settings, load_items,
+from .sweep_plan import (ABLATIONS, IDENTITY_KEYS, Item, Run, SweepConfig, effective_settings, load_items,
                          plan_runs)
 from .sweep_plan import AXES, comparable  # noqa: F401  (re-exported: figures and users import them from here)
 
 RESULTS, CSV_NAME, CONFIG_NAME, ITEMS_NAME = "results.jsonl", "results.csv", "sweep.json", "items.json"
+
+
+def _digest(obj) -> str:
+    """A short stable name for a JSON-able value (edit images are stored under it)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- results files

@@ -5,7 +5,6 @@ resuming matches on. No model is touched here; diffedit/sweep.py does the work."
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 import json
 import math
@@ -216,10 +215,6 @@ def effective_settings(s: dict) -> dict:
     encode, use_mask = ABLATIONS[s["ablation"]]
     drop = set() if use_mask else set(MASK_AXES) | ({"seed"} if encode else set())
     return {k: v for k, v in s.items() if k not in drop}
-
-
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def comparable(row: dict) -> dict:

@@ -504,3 +504,9 @@ def test_api_nan_in_the_mask_is_reported_not_an_empty_mask(pipe, monkeypatch):
                         lambda self, x, t, c, *a, **k: real(self, x, t, c, *a, **k) * float("nan"))
     with pytest.raises(errors.NumericalError, match="NaN or inf appeared in the mask"):
         pipe.generate_mask(rgb(), "a cat", "a dog", num_samples=2, num_inference_steps=4)
+
+
+@pytest.mark.parametrize("chunk_size, phrase", [(0, "chunk_size"), (2.5, "chunk_size must be an integer")])
+def test_api_bad_mask_chunk_size(pipe, chunk_size, phrase):
+    with pytest.raises(errors.ParameterError, match=phrase):
+        pipe.generate_mask(rgb(), "a cat", "a dog", num_samples=2, num_inference_steps=4, chunk_size=chunk_size)

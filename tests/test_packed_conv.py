@@ -52,6 +52,8 @@ def test_repacks_when_the_shape_changes_and_keeps_plain_weights_in_state_dict():
     assert list(state) == ["weight", "bias"]
     assert torch.equal(state["weight"], conv.weight) and torch.equal(state["bias"], conv.bias)
     assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in conv.parameters())
+    assert torch.equal(packed.state_dict(keep_vars=True)["weight"], conv.weight)
+    assert "packed_for=(2, 8, 6, 6)" in repr(packed)
 
 
 def test_autograd_takes_the_plain_path():
