@@ -304,6 +304,8 @@ def print_report(results: dict[str, RunResult], work: Path, w: Workload) -> dict
         summary[f"{r.name}: bare UNet sample s (batch 2)"] = r.bare_sample
         summary[f"{r.name}: edit total / (UNet samples x bare sample) (target <= 1.10)"] = \
             r.total / (r.unet_samples * r.bare_sample)
+        # the same question without the bare timing's run-to-run noise: how much is spent outside the UNet
+        summary[f"{r.name}: edit total / time inside the UNet"] = r.total / r.unet_seconds
     if fp32 and bf16:
         summary["bf16 vs fp32 edit: max |diff| (8-bit levels)"], summary["bf16 vs fp32 edit: mean |diff| (8-bit levels)"] = \
             pixel_difference(work, "diffedit-fp32", "diffedit-bf16")

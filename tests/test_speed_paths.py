@@ -6,7 +6,7 @@
   bf16 edit stays within a stated tolerance of the fp32 edit.
 - VAE slicing (one image at a time) equals the batched VAE up to float rounding; tiling
   (overlapping tiles, cross-faded) reproduces a pointwise map exactly and the VAE approximately.
-- The benchmark script runs end to end in its --quick mode.
+- The benchmark and profiling scripts run end to end in their --quick mode.
 """
 
 from __future__ import annotations
@@ -237,3 +237,16 @@ def test_benchmark_quick_mode_runs(tmp_path):
     assert runs["diffedit-fp32"][0]["unet_samples"] == 13 and runs["diffedit-bf16"][0]["unet_samples"] == 13
     assert runs["diffusers-fp32"][0]["unet_samples"] == 20
     assert runs["diffedit-fp32"][0]["vae_encodes"] == 1 and all(r[0]["peak_rss_gb"] > 0 for r in runs.values())
+
+
+@pytest.mark.slow
+def test_profile_script_quick_mode_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_unet.py"), "--quick", "--calls", "1",
+                          "--cache", str(tmp_path / "model")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fp32 matmul peak" in out.stdout and "UNet, batch 2" in out.stdout and "VAE decode" in out.stdout
+    rows = [line.split("(")[0].split() for line in out.stdout.splitlines()
+            if line.startswith(("conv 3x3", "linear", "all"))]
+    assert len(rows) == 6  # conv 3x3, linear and all, for the UNet and the VAE
+    for row in rows:  # the kinds with FLOPs report a positive rate
+        assert float(row[-2]) > 0 and row[-1].endswith("%")

@@ -1,0 +1,163 @@
+"""Where the time of one UNet call and one VAE decode goes on this CPU, and how close each kind of
+operation runs to the machine's own matrix-multiply speed: the profile behind bench_pipeline's
+floor figure. A profiling script, not a test.
+
+    python benchmarks/profile_unet.py                  # SD 1.5 architecture, batch 2, 256 px (32x32 latents)
+    python benchmarks/profile_unet.py --size 512       # 64x64 latents
+    python benchmarks/profile_unet.py --quick          # the tiny reference model: checks the script
+
+It first times a 2048^3 fp32 matmul: the practical peak of this machine's BLAS. It then loads the
+model as the pipeline does (fp32, 3x3 convolutions packed on the CPU), warms the UNet up, and
+profiles `--calls` calls with torch.profiler; each op's self time goes to a kind (3x3 convolution,
+1x1 convolution, linear, attention, normalisation, element-wise, rest). FLOPs come from forward
+hooks: 2 x multiply-adds of every convolution and linear layer, and 4 x B x Lq x Lk x width for
+each attention (QK^T and the weighted sum of V). Kinds without FLOPs are memory-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_pipeline import ensure_model  # noqa: E402
+
+from diffedit.packed_conv import PackedConv2d  # noqa: E402
+from diffedit.pipeline import DiffEditPipeline  # noqa: E402
+from diffedit.unet import Attention  # noqa: E402
+from diffedit.vae import SelfAttention  # noqa: E402
+
+KINDS = {  # profiler op name -> kind (anything else: "rest")
+    "mkldnn::_convolution_pointwise": "conv 3x3", "aten::mkldnn_convolution": "conv 1x1",
+    "aten::addmm": "linear", "aten::mm": "linear", "aten::bmm": "attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::native_group_norm": "norm", "aten::native_layer_norm": "norm",
+    "aten::silu": "element-wise", "aten::gelu": "element-wise", "aten::add": "element-wise",
+    "aten::mul": "element-wise", "aten::copy_": "element-wise", "aten::cat": "element-wise",
+    "aten::upsample_nearest2d": "element-wise",
+}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n^3 fp32 matmul, best of `repeats`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def count_flops(model: nn.Module) -> tuple[dict, list]:
+    """Forward hooks adding each layer's FLOPs to a per-kind total; returns (totals, handles)."""
+    flops: dict[str, float] = defaultdict(float)
+
+    def conv(m, inputs, out):
+        kh, kw = m.kernel_size
+        kind = "conv 1x1" if (kh, kw) == (1, 1) else "conv 3x3"
+        flops[kind] += 2 * out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def linear(m, inputs, out):
+        flops["linear"] += 2 * out.numel() * m.in_features
+
+    def attention(m, args, kwargs, out):
+        x = args[0]
+        context = kwargs.get("context", args[1] if len(args) > 1 else None)
+        keys = x.shape[1] if context is None else context.shape[1]
+        flops["attention"] += 4 * x.shape[0] * x.shape[1] * keys * m.to_q.out_features
+
+    def image_attention(m, inputs, out):  # the VAE's: one head over the h*w positions
+        b, c, h, w = inputs[0].shape
+        flops["attention"] += 4 * b * (h * w) ** 2 * c
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, PackedConv2d)):
+            handles.append(m.register_forward_hook(conv))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear))
+        elif isinstance(m, Attention):
+            handles.append(m.register_forward_hook(attention, with_kwargs=True))
+        elif isinstance(m, SelfAttention):
+            handles.append(m.register_forward_hook(image_attention))
+    return flops, handles
+
+
+def profile_calls(fn, calls: int) -> dict[str, float]:
+    """Self CPU seconds per call, by kind."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    seconds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        seconds[KINDS.get(event.key, "rest")] += event.self_cpu_time_total / 1e6 / calls
+    return seconds
+
+
+def report(title: str, wall: float, seconds: dict, flops: dict, peak: float) -> None:
+    threads = torch.get_num_threads()
+    total_self = sum(seconds.values())
+    print(f"\n{title}: {wall:.3f} s per call (wall, median of the timed calls); profiler self time "
+          f"{total_self:.3f} s, shared out in proportion to wall time below")
+    print(f"{'kind':14s} {'s/call':>8s} {'share':>7s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'of peak':>8s}")
+    for kind in sorted(seconds, key=seconds.get, reverse=True):
+        s = seconds[kind] / total_self * wall
+        gflop = flops.get(kind, 0.0) / 1e9
+        rate = f"{gflop / s:8.1f} {gflop / s / peak:8.0%}" if gflop else f"{'-':>8s} {'-':>8s}"
+        print(f"{kind:14s} {s:8.3f} {s / wall:7.1%} {gflop:8.1f} {rate}")
+    all_flops = sum(flops.values()) / 1e9
+    print(f"{'all':14s} {wall:8.3f} {1:7.0%} {all_flops:8.1f} {all_flops / wall:8.1f} "
+          f"{all_flops / wall / peak:8.0%}   ({threads} threads)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latents: size / 8)")
+    parser.add_argument("--batch", type=int, default=2, help="UNet batch (2: guidance or a mask chunk)")
+    parser.add_argument("--calls", type=int, default=3, help="profiled calls (after one warm-up)")
+    parser.add_argument("--quick", action="store_true", help="tiny reference model, 32 px")
+    parser.add_argument("--cache", default=None, help="model folder, built there if missing "
+                        "(default /tmp/sd15-random; --quick: /tmp/tiny-random)")
+    args = parser.parse_args()
+    arch, size = ("tiny", 32) if args.quick else ("sd15", args.size)
+    model = ensure_model(arch, Path(args.cache or ("/tmp/tiny-random" if args.quick else "/tmp/sd15-random")))
+
+    peak = matmul_peak(256 if args.quick else 2048)
+    print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    pipe = DiffEditPipeline.from_pretrained(model, dtype="fp32")
+    side = size // pipe.config.vae.downsample_factor
+    latents = torch.randn(args.batch, pipe.config.unet.in_channels, side, side)
+    context = pipe.encode_prompt(["a bowl of fruit"] * args.batch)
+    timesteps = torch.full((args.batch,), 500)
+
+    with torch.no_grad():
+        for title, module, call in [
+                (f"UNet, batch {args.batch}, {side}x{side} latents", pipe.unet,
+                 lambda: pipe.unet(latents, timesteps, context)),
+                (f"VAE decode, batch 1, {size} px", pipe.vae, lambda: pipe.vae.decode(latents[:1]))]:
+            call()  # warm-up: packs the convolutions for this shape
+            flops, handles = count_flops(module)
+            call()
+            for h in handles:
+                h.remove()
+            walls = sorted(_timed(call) for _ in range(args.calls))
+            seconds = profile_calls(call, args.calls)
+            report(title, walls[len(walls) // 2], seconds, flops, peak)
+
+
+if __name__ == "__main__":
+    main()
