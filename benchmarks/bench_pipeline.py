@@ -95,6 +95,11 @@ def ensure_model(arch: str, folder: Path) -> Path:
     return folder
 
 
+def model_folder(cache: str | None, quick: bool) -> Path:
+    """Where the reference model lives (`--cache`, or a default per model size)."""
+    return Path(cache or ("/tmp/tiny-random" if quick else "/tmp/sd15-random"))
+
+
 def synthetic_picture(size: int, seed: int = 0) -> Image.Image:
     """A fixed picture: wall and table, a bowl, three fruits, mild noise."""
     rng = np.random.default_rng(seed)
@@ -332,9 +337,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child_main(args)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     w = Workload(arch="tiny", size=32, mask_samples=2, steps=4) if args.quick else Workload()
-    model = ensure_model(w.arch, Path(args.cache or ("/tmp/tiny-random" if args.quick else "/tmp/sd15-random")))
+    model = ensure_model(w.arch, model_folder(args.cache, args.quick))
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         image = work / "input.png"

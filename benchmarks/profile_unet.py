@@ -17,6 +17,7 @@ each attention (QK^T and the weighted sum of V). Kinds without FLOPs are memory-
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_pipeline import ensure_model  # noqa: E402
+from bench_pipeline import ensure_model, model_folder  # noqa: E402
 
 from diffedit.packed_conv import PackedConv2d  # noqa: E402
 from diffedit.pipeline import DiffEditPipeline  # noqa: E402
@@ -128,18 +129,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latents: size / 8)")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2: guidance or a mask chunk)")
-    parser.add_argument("--calls", type=int, default=3, help="profiled calls (after one warm-up)")
+    parser.add_argument("--calls", type=int, default=3, help="timed and profiled calls (after one warm-up)")
     parser.add_argument("--quick", action="store_true", help="tiny reference model, 32 px")
     parser.add_argument("--cache", default=None, help="model folder, built there if missing "
                         "(default /tmp/sd15-random; --quick: /tmp/tiny-random)")
     args = parser.parse_args()
+    for name in ("size", "batch", "calls"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     arch, size = ("tiny", 32) if args.quick else ("sd15", args.size)
-    model = ensure_model(arch, Path(args.cache or ("/tmp/tiny-random" if args.quick else "/tmp/sd15-random")))
+    model = ensure_model(arch, model_folder(args.cache, args.quick))
 
+    pipe = DiffEditPipeline.from_pretrained(model, dtype="fp32")
+    if size % pipe.config.vae.downsample_factor:
+        parser.error(f"--size must be a multiple of {pipe.config.vae.downsample_factor} (the VAE's downsampling), "
+                     f"got {size}")
+    side = size // pipe.config.vae.downsample_factor
     peak = matmul_peak(256 if args.quick else 2048)
     print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    pipe = DiffEditPipeline.from_pretrained(model, dtype="fp32")
-    side = size // pipe.config.vae.downsample_factor
     latents = torch.randn(args.batch, pipe.config.unet.in_channels, side, side)
     context = pipe.encode_prompt(["a bowl of fruit"] * args.batch)
     timesteps = torch.full((args.batch,), 500)
@@ -149,14 +156,13 @@ def main() -> None:
                 (f"UNet, batch {args.batch}, {side}x{side} latents", pipe.unet,
                  lambda: pipe.unet(latents, timesteps, context)),
                 (f"VAE decode, batch 1, {size} px", pipe.vae, lambda: pipe.vae.decode(latents[:1]))]:
-            call()  # warm-up: packs the convolutions for this shape
             flops, handles = count_flops(module)
-            call()
+            call()  # warm-up (packs the convolutions for this shape), counting the FLOPs on the way
             for h in handles:
                 h.remove()
-            walls = sorted(_timed(call) for _ in range(args.calls))
+            wall = statistics.median(_timed(call) for _ in range(args.calls))
             seconds = profile_calls(call, args.calls)
-            report(title, walls[len(walls) // 2], seconds, flops, peak)
+            report(title, wall, seconds, flops, peak)
 
 
 if __name__ == "__main__":

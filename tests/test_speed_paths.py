@@ -250,3 +250,14 @@ def test_profile_script_quick_mode_runs(tmp_path):
     assert len(rows) == 6  # conv 3x3, linear and all, for the UNet and the VAE
     for row in rows:  # the kinds with FLOPs report a positive rate
         assert float(row[-2]) > 0 and row[-1].endswith("%")
+
+
+@pytest.mark.parametrize("script, args", [("bench_pipeline.py", ["--repeats", "0"]),
+                                          ("profile_unet.py", ["--calls", "0"]),
+                                          ("profile_unet.py", ["--batch", "-1"])])
+def test_benchmark_scripts_refuse_bad_counts_in_one_line(script, args, tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--cache",
+                          str(tmp_path / "model"), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "must be at least 1" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "model").exists()  # refused before building anything
