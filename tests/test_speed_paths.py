@@ -246,8 +246,8 @@ def test_profile_script_quick_mode_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fp32 matmul peak" in out.stdout and "UNet, batch 2" in out.stdout and "VAE decode" in out.stdout
     rows = [line.split("(")[0].split() for line in out.stdout.splitlines()
-            if line.startswith(("conv 3x3", "linear", "all"))]
-    assert len(rows) == 6  # conv 3x3, linear and all, for the UNet and the VAE
+            if line.startswith(("conv 3x3", "linear", "attention", "all"))]
+    assert len(rows) == 8  # conv 3x3, linear, attention (cross/self, and the VAE's) and all, for the UNet and the VAE
     for row in rows:  # the kinds with FLOPs report a positive rate
         assert float(row[-2]) > 0 and row[-1].endswith("%")
 
