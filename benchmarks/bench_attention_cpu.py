@@ -1,5 +1,5 @@
 """Attention on the CPU at the shapes of SD 1.5: does anything beat torch's
-`scaled_dot_product_attention` (SDPA) as diffedit.attention calls it? (A study, not a test.)
+`scaled_dot_product_attention` (SDPA) as diffedit.models.attention calls it? (A study, not a test.)
 
     python benchmarks/bench_attention_cpu.py                 # all shapes and variants
     python benchmarks/bench_attention_cpu.py --repeats 3 --shapes self-64
@@ -7,7 +7,7 @@
 Every variant takes q, k, v as the UNet hands them over, (B, N, heads * d), and returns
 (B, Nq, heads * d), so layout changes are paid for inside the timing. Variants:
 
-- sdpa            what diffedit.attention does: rearrange to (B, h, N, d) views, SDPA
+- sdpa            what diffedit.models.attention does: rearrange to (B, h, N, d) views, SDPA
 - sdpa-contig     the same on contiguous (B*h, N, d) copies (heads folded into the batch)
 - sdpa-pad48      head dim zero-padded to a multiple of 16 (q·k unchanged; scale set explicitly)
 - blocks-fp32     query blocks of 1024 rows: softmax(q k^T * s) v with fp32 matmuls

@@ -354,7 +354,7 @@ def main() -> None:
         results = {name: median_run(rs) for name, rs in runs.items()}
         summary = print_report(results, work, w)
     if args.json:
-        from diffedit.files import atomic_write_text
+        from diffedit.io.files import atomic_write_text
         payload = {"workload": asdict(w), "runs": {n: [asdict(r) | {"total": r.total, "cpu_total": r.cpu_total}
                                                         for r in rs]
                                                     for n, rs in runs.items()}, "summary": summary}

@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from diffusers import UNet2DConditionModel  # noqa: E402  (oracle only: benchmarks/ is not the library)
 
-from diffedit.config import UNetConfig  # noqa: E402
-from diffedit.model_io import build_module  # noqa: E402
-from diffedit.packed_conv import pack_convolutions  # noqa: E402
-from diffedit.unet import UNet  # noqa: E402
+from diffedit.models.config import UNetConfig  # noqa: E402
+from diffedit.checkpoints.model_io import build_module  # noqa: E402
+from diffedit.models.packed_conv import pack_convolutions  # noqa: E402
+from diffedit.models.unet import UNet  # noqa: E402
 from reference_models import ARCHITECTURES, perturb_  # noqa: E402
 
 DTYPES = {"fp32": (torch.float32, torch.contiguous_format),

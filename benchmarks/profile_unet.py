@@ -33,10 +33,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_pipeline import ensure_model, model_folder  # noqa: E402
 
-from diffedit.packed_conv import PackedConv2d  # noqa: E402
+from diffedit.models.packed_conv import PackedConv2d  # noqa: E402
 from diffedit.pipeline import DiffEditPipeline  # noqa: E402
-from diffedit.unet import Attention  # noqa: E402
-from diffedit.vae import SelfAttention  # noqa: E402
+from diffedit.models.unet import Attention  # noqa: E402
+from diffedit.models.vae import SelfAttention  # noqa: E402
 
 KINDS = {  # profiler op name -> kind (anything else: "rest")
     "mkldnn::_convolution_pointwise": "conv 3x3", "aten::mkldnn_convolution": "conv 1x1",

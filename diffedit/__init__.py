@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DiffEditPipeline": "pipeline",
-    "load_model": "loading",
+    "load_model": "checkpoints.loading",
     "DiffEditError": "errors",
     "MaskResult": "results", "Inversion": "results", "EditResult": "results", "DiffEditResult": "results",
 }

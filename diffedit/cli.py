@@ -22,17 +22,17 @@ imported only when they run).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable
 
-from .errors import DiffEditError, OutputFileError, ParameterError
+from diffedit.errors import DiffEditError, OutputFileError, ParameterError
+from diffedit.io.progress import is_terminal
+from diffedit.settings import add_argument
 
 PROG = "diffedit"
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
@@ -44,53 +44,6 @@ class UsageError(DiffEditError):
 
 class Terminated(BaseException):
     """SIGTERM, raised like Ctrl-C so that temporary files are removed on the way out."""
-
-
-# ---------------------------------------------------------------------- argument types
-
-def _number(text: str, kind: type) -> float:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def strength(text: str) -> float:
-    value = _number(text, float)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (the fraction of the steps that are re-run), got {value:g}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    value = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value:g}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
-    return value
-
-
-def seed(text: str) -> int:
-    value = _number(text, int)
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2^63), got {value}")
-    return value
 
 
 # ---------------------------------------------------------------------- shared arguments
@@ -114,12 +67,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def add_mask_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mask (DiffEdit step 1)")
-    g.add_argument("--mask-samples", type=positive_int, default=10, metavar="N",
-                   help="noise samples averaged for the mask (default 10)")
-    g.add_argument("--threshold", type=unit_interval, default=0.5, metavar="T",
-                   help="threshold on the normalised map, in [0, 1] (default 0.5)")
-    g.add_argument("--steps", type=positive_int, default=50, metavar="N", help="DDIM steps of the full schedule (default 50)")
-    g.add_argument("--seed", type=seed, default=0, metavar="S", help="random seed of the mask noise (default 0)")
+    for name in ("mask_samples", "mask_noise_strength", "threshold", "num_inference_steps", "seed"):
+        add_argument(g, name)
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -132,10 +81,8 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     add_mask_options(p)
     g = p.add_argument_group("edit (DiffEdit steps 2 and 3)")
-    g.add_argument("--strength", type=strength, default=0.8, metavar="R",
-                   help="encoding ratio r in (0, 1]: how far the image is DDIM-encoded (default 0.8)")
-    g.add_argument("--guidance", type=non_negative, default=7.5, metavar="G",
-                   help="classifier-free guidance scale while decoding (default 7.5)")
+    add_argument(g, "strength")
+    add_argument(g, "guidance_scale")
     g.add_argument("--mask", metavar="PATH", help="use this mask (white = edit) instead of computing one")
     o = p.add_argument_group("outputs")
     o.add_argument("--out", metavar="PATH", help="the edited image (default NAME.edit.png next to the input)")
@@ -158,7 +105,7 @@ def add_maskcmd_arguments(p: argparse.ArgumentParser) -> None:
 def check_prompts(source: str, target: str) -> tuple[str, str]:
     """Whitespace-normalised prompts, refused as the pipeline refuses them (an empty target, or a
     target equal to the source: the mask would be empty), but before the model loads."""
-    from .pipeline import check_prompt_pairs
+    from diffedit.pipeline import check_prompt_pairs
     source, target = " ".join(source.split()), " ".join(target.split())
     check_prompt_pairs([source], [target])
     return source, target
@@ -173,7 +120,7 @@ def plan_outputs(image: Path, wanted: dict[str, str | None], overwrite: bool, pr
     """The output path of each kind (given or default), every one checked now so that a long run
     never ends in a refusal: writable folder, a known image suffix, not an input, distinct, and
     not existing unless --overwrite."""
-    from .files import check_output, image_format
+    from diffedit.io.files import check_output, image_format
     plan = {kind: Path(path).expanduser() if path else default_output(image, kind) for kind, path in wanted.items()}
     seen: dict[Path, str] = {}
     for kind, path in plan.items():
@@ -187,19 +134,11 @@ def plan_outputs(image: Path, wanted: dict[str, str | None], overwrite: bool, pr
     return plan
 
 
-def resolve_device(name: str):
-    import torch
-    from .devices import parse_device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return parse_device(name)
-
-
 def load_pipeline(args: argparse.Namespace):
     """The pipeline of --model (default: the embedded model), on --device in --dtype."""
-    from .devices import parse_dtype
-    from .pipeline import DiffEditPipeline
-    device = resolve_device(args.device)
+    from diffedit.devices import parse_device, parse_dtype
+    from diffedit.pipeline import DiffEditPipeline
+    device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     return DiffEditPipeline.from_pretrained(args.model, device=device, dtype=dtype, preset=args.preset)
 
@@ -213,137 +152,61 @@ def check_schedule(pipe, steps: int, strengths: dict[str, float]) -> None:
             raise ParameterError(f"--steps {steps} with {name} {value:g}: {e}") from None
 
 
-def read_user_mask(path: str, size: tuple[int, int]):
-    """A mask image (white = edit, black = keep) as a (H, W) float tensor of 0s and 1s at the
-    input's `size`. Another size with the same shape is resized (said once), gray levels are
-    thresholded at 50% (said once); another shape or an all-black mask is refused."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from .image_io import load_image
-    mask = load_image(path, min_side=1).convert("L")
-    (mw, mh), (w, h) = mask.size, size
-    if mask.size != size:
-        if abs(mw * h - w * mh) > max(w, h, mw, mh):  # aspect ratios differ by more than a pixel's worth
-            raise ParameterError(f"the mask {path} is {mw} x {mh} pixels but the image is {w} x {h}, another shape; "
-                                 "give a mask of the image's size (white = edit, black = keep).")
-        warnings.warn(f"the mask {path} is {mw} x {mh} pixels; it was resized to the image's {w} x {h}.", UserWarning)
-        mask = mask.resize(size, Image.Resampling.NEAREST)
-    a = np.asarray(mask)
-    gray = float(((a > 0) & (a < 255)).mean())
-    if gray > 0:
-        warnings.warn(f"the mask {path} is not black and white ({gray:.0%} of its pixels are gray); "
-                      "it was thresholded at 50% (lighter = edit).", UserWarning)
-    binary = a >= 128
-    if not binary.any():
-        raise ParameterError(f"the mask {path} is black everywhere, so nothing would be edited; "
-                             "paint the region to edit in white.")
-    return torch.from_numpy(binary.astype(np.float32))
-
-
-# ---------------------------------------------------------------------- progress
-
-class ProgressBar:
-    """A one-line text bar on stderr (only when it is a terminal, unless forced): work counted in
-    UNet samples, the unit of the method's cost."""
-
-    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True, width: int = 30):
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled and _is_terminal(self.stream)
-        self.total, self.width, self.done, self.label = max(1, total), width, 0, ""
-        self.start = time.monotonic()
-
-    def update(self, done: int, label: str | None = None) -> None:
-        self.done = min(max(done, 0), self.total)
-        self.label = label if label is not None else self.label
-        if not self.enabled:
-            return
-        fraction = self.done / self.total
-        filled = int(self.width * fraction)
-        elapsed = time.monotonic() - self.start
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
-        self.stream.write(f"\r{self.label:<9} [{'#' * filled}{'.' * (self.width - filled)}] {fraction:4.0%} "
-                          f"{self.done}/{self.total} UNet samples  {_clock(elapsed)} (eta {_clock(eta)})\x1b[K")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Erase the bar, so that whatever follows (a message, an error) starts a clean line."""
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.enabled = False
-
-
-def _is_terminal(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}:{s:02d}"
-
-
-class Work:
-    """Progress of one run, read from the pipeline's UNet-sample counter at each step callback
-    (the mask has no per-step callback: it moves the bar once, at its end)."""
-
-    def __init__(self, pipe, bar: ProgressBar):
-        self.pipe, self.bar, self.start = pipe, bar, pipe.counters.unet_samples
-
-    def phase(self, label: str) -> Callable:
-        self.bar.update(self.pipe.counters.unet_samples - self.start, label)
-        return lambda *_: self.bar.update(self.pipe.counters.unet_samples - self.start, label)
-
+# ---------------------------------------------------------------------- the commands
 
 def edit_cost(k: int, samples: int, guidance: float, with_mask: bool) -> int:
     """UNet samples of one edit of k steps: 2n (mask) + k (encoding) + k, or 2k with guidance (decoding)."""
     return (2 * samples if with_mask else 0) + k + (2 * k if guidance != 1.0 else k)
 
-
-# ---------------------------------------------------------------------- the commands
-
 def run_edit(args: argparse.Namespace) -> int:
     import torch
-    from .image_io import load_image, overlay_mask, save_image, side_by_side
+
+    from diffedit.io.images import load_image, save_image
+    from diffedit.io.pictures import (
+        mask_picture,
+        overlay_mask,
+        read_mask_image,
+        side_by_side,
+    )
+    from diffedit.io.progress import UNetProgress
     source, target = check_prompts(args.source, args.target)
     image_path = Path(args.image).expanduser()
     image = load_image(image_path)
-    user_mask = read_user_mask(args.mask, image.size) if args.mask else None
+    user_mask = read_mask_image(args.mask, image.size) if args.mask else None
     wanted = {"edit": args.out, "mask": args.mask_out, "panel": args.panel_out}
     if user_mask is not None:  # the user's mask is not written again
         del wanted["mask"]
     protected = [image_path] + ([Path(args.mask)] if args.mask else [])
     outputs = plan_outputs(image_path, wanted, args.overwrite, protected)
     pipe = load_pipeline(args)
-    check_schedule(pipe, args.steps, {"--strength": args.strength, "the mask noise strength": 0.5})
+    check_schedule(pipe, args.num_inference_steps,
+                   {"--strength": args.strength, "--mask-noise": args.mask_noise_strength})
 
     generator = torch.Generator().manual_seed(args.seed)
-    k = pipe.scheduler.num_steps(args.steps, args.strength)
-    bar = ProgressBar(edit_cost(k, args.mask_samples, args.guidance, user_mask is None), enabled=not args.quiet)
-    work = Work(pipe, bar)
+    k = pipe.scheduler.num_steps(args.num_inference_steps, args.strength)
+    work = UNetProgress(pipe, edit_cost(k, args.mask_samples, args.guidance_scale, user_mask is None),
+                        enabled=not args.quiet)
     try:
         encoded = pipe.encode_image(image)
         if user_mask is None:
             work.phase("mask")
             mask = pipe.generate_mask(encoded, source, target, num_samples=args.mask_samples,
-                                      num_inference_steps=args.steps, threshold=args.threshold, generator=generator)
-            if not bool(mask.mask.any()):
-                warnings.warn("the mask is empty: no region differs between the source and target prompts, so the "
-                              "edit only reconstructs the input; lower --threshold or rephrase the prompts.", UserWarning)
+                                      noise_strength=args.mask_noise_strength,
+                                      num_inference_steps=args.num_inference_steps, threshold=args.threshold,
+                                      generator=generator)
+            _warn_if_empty(mask)
             mask_image = mask.mask_images[0]
         else:
             mask = user_mask
-            mask_image = _mask_picture(user_mask)
-        inversion = pipe.invert(encoded, strength=args.strength, num_inference_steps=args.steps,
+            mask_image = mask_picture(user_mask)
+        inversion = pipe.invert(encoded, strength=args.strength, num_inference_steps=args.num_inference_steps,
                                 callback=work.phase("encode"))
-        result = pipe.edit(inversion, mask, target, strength=args.strength, num_inference_steps=args.steps,
-                           guidance_scale=args.guidance, generator=generator, callback=work.phase("decode"))
-        bar.update(bar.total, "done")
+        result = pipe.edit(inversion, mask, target, strength=args.strength,
+                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                           generator=generator, callback=work.phase("decode"))
+        work.update("done")
     finally:
-        bar.close()
+        work.close()
     edited = result.images[0]
     pictures = {"edit": edited, "mask": mask_image,
                 "panel": side_by_side([image, overlay_mask(image, mask_image), edited], labels=["input", "mask", "edit"])}
@@ -355,44 +218,39 @@ def run_edit(args: argparse.Namespace) -> int:
 
 def run_mask(args: argparse.Namespace) -> int:
     import torch
-    from .image_io import load_image, save_image
+
+    from diffedit.io.images import load_image, save_image
+    from diffedit.io.progress import UNetProgress
     source, target = check_prompts(args.source, args.target)
     image_path = Path(args.image).expanduser()
     image = load_image(image_path)
     outputs = plan_outputs(image_path, {"mask": args.out}, args.overwrite, [image_path])
     pipe = load_pipeline(args)
-    check_schedule(pipe, args.steps, {"the mask noise strength": 0.5})
-    bar = ProgressBar(2 * args.mask_samples, enabled=not args.quiet)
+    check_schedule(pipe, args.num_inference_steps, {"--mask-noise": args.mask_noise_strength})
+    work = UNetProgress(pipe, 2 * args.mask_samples, enabled=not args.quiet)
     try:
-        Work(pipe, bar).phase("mask")
-        mask = pipe.generate_mask(image, source, target, num_samples=args.mask_samples, num_inference_steps=args.steps,
+        work.phase("mask")
+        mask = pipe.generate_mask(image, source, target, num_samples=args.mask_samples,
+                                  noise_strength=args.mask_noise_strength, num_inference_steps=args.num_inference_steps,
                                   threshold=args.threshold, generator=torch.Generator().manual_seed(args.seed))
-        bar.update(bar.total, "done")
+        work.update("done")
     finally:
-        bar.close()
-    if not bool(mask.mask.any()):
-        warnings.warn("the mask is empty: no region differs between the source and target prompts; "
-                      "lower --threshold or rephrase the prompts.", UserWarning)
+        work.close()
+    _warn_if_empty(mask)
     save_image(mask.mask_images[0], outputs["mask"], overwrite=args.overwrite, protected=[image_path])
     _report(args, "mask", outputs["mask"])
     return 0
 
 
-def _mask_picture(mask):
-    from PIL import Image
-    return Image.fromarray((mask.numpy() * 255).astype("uint8"), "L")
+def _warn_if_empty(mask) -> None:
+    if not bool(mask.mask.any()):
+        warnings.warn("the mask is empty: no region differs between the source and target prompts, so the edit "
+                      "would only reconstruct the input; lower --threshold or rephrase the prompts.", UserWarning)
 
 
 def _report(args: argparse.Namespace, kind: str, path: Path) -> None:
     if not args.quiet:
         print(f"{kind}: {path}", flush=True)
-
-
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise UsageError(f"`{PROG} {name}` is not part of this installation yet; see `{PROG} --help` for the "
-                         "commands there are.")
-    return run
 
 
 def _lazy(module: str, function: str) -> Callable:
@@ -415,11 +273,10 @@ COMMANDS: dict[str, Command] = {
                     add_edit_arguments, run_edit),
     "mask": Command("compute only the DiffEdit mask of an image", add_maskcmd_arguments, run_mask),
     "eval": Command("run a benchmark with ground truth (the synthetic shapes world)",
-                    _lazy("shapes_eval", "add_arguments"), _lazy("shapes_eval", "run")),
+                    _lazy("shapes.eval", "add_arguments"), _lazy("shapes.eval", "run")),
     "sweep": Command("run or resume an ablation grid from a JSON config",
-                     _lazy("sweep", "add_arguments"), _lazy("sweep", "run")),
+                     _lazy("research.sweep", "add_arguments"), _lazy("research.sweep", "run")),
 }
-RESERVED = ("eval", "sweep")  # a name here but not in COMMANDS answers "not part of this installation yet"
 
 
 # ---------------------------------------------------------------------- main
@@ -441,11 +298,6 @@ def build_parser(selected: str | None = None) -> ArgumentParser:
         if selected in (None, name):
             command.add_arguments(sub)
         sub.set_defaults(run=command.run)
-    for name in RESERVED:
-        if name not in COMMANDS:
-            placeholder = commands.add_parser(name, help="(not available yet)")
-            placeholder.add_argument("rest", nargs=argparse.REMAINDER)
-            placeholder.set_defaults(run=_not_yet(name))
     return parser
 
 
@@ -454,7 +306,7 @@ def one_line(message: str) -> str:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    erase = "\r\x1b[K" if _is_terminal(sys.stderr) else ""  # a progress bar may be on this line
+    erase = "\r\x1b[K" if is_terminal(sys.stderr) else ""  # a progress bar may be on this line
     print(f"{erase}{PROG}: warning: {one_line(str(message))}", file=sys.stderr, flush=True)
 
 

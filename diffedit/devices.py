@@ -1,12 +1,26 @@
-"""Turning the user's `device` and `dtype` into torch objects, with one-sentence refusals."""
+"""Turning the user's `device` and `dtype` into torch objects, with one-sentence refusals, and
+choosing, per call, between a Triton kernel of `diffedit.kernels` and the torch path.
+
+The one chooser, `choose_kernel`, serves both kernels ("attention" and "mask"). The backend is
+the caller's `requested` argument, else the kind's environment variable (DIFFEDIT_ATTENTION,
+DIFFEDIT_MASK_KERNEL), else "auto":
+
+- "torch" always takes the torch path;
+- "auto" takes the kernel for CUDA tensors it can serve when Triton is importable, torch
+  otherwise (on CPU tensors it never imports Triton);
+- "triton" takes the kernel or raises ParameterError saying why it cannot serve the tensors
+  (CPU tensors are served only under Triton's interpreter, TRITON_INTERPRET=1, for the tests).
+"""
 
 from __future__ import annotations
 
+import os
 import warnings
+from types import ModuleType
 
 import torch
 
-from .errors import ParameterError
+from diffedit.errors import ParameterError
 
 
 class PrecisionWarning(UserWarning):
@@ -19,8 +33,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float3
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
+    """None: the CPU; "auto": CUDA if there is a device, else the CPU; else what torch.device reads."""
     if device is None:
         return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -54,9 +71,60 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 def cpu_has_fast_bf16() -> bool:
     """True when torch runs bf16 convolutions on this CPU through oneDNN (AVX-512 or AMX: AVX512-BF16
-    and AMX-BF16 make them about 2x faster than fp32). Without it they fall back to a slow reference
-    convolution: measured 3-5x slower than fp32 (and bf16 matmuls 3-4x) on an AVX2-only CPU."""
+    and AMX-BF16 make them faster than fp32). Without it they fall back to a slow reference
+    convolution, several times slower than fp32 (figures: README, "Speed on the CPU")."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # the check torch's convolution itself uses
     except (AttributeError, RuntimeError):
         return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+
+
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+# kind -> (its environment variable, where else a caller chooses its backend)
+KERNEL_SWITCHES = {"attention": ("DIFFEDIT_ATTENTION", "set_attention_backend"),
+                   "mask": ("DIFFEDIT_MASK_KERNEL", "the backend argument")}
+
+
+def kernel_backend(kind: str, requested: str | None = None) -> str:
+    """"auto", "torch" or "triton" for `kind`: `requested` if given, else the kind's environment
+    variable, else "auto"."""
+    variable, _ = KERNEL_SWITCHES[kind]
+    if requested is not None:
+        name = str(requested).strip().lower() or "auto"
+        if name not in KERNEL_BACKENDS:
+            raise ParameterError(f"unknown {kind} backend {requested!r}; use one of {', '.join(KERNEL_BACKENDS)}.")
+        return name
+    name = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if name not in KERNEL_BACKENDS:
+        raise ParameterError(f"{variable}={name!r} is not a backend; use one of {', '.join(KERNEL_BACKENDS)}.")
+    return name
+
+
+def choose_kernel(kind: str, operands: tuple, requested: str | None = None) -> ModuleType | None:
+    """The Triton kernel module that is to serve `kind` ("attention" or "mask") on `operands` (the
+    arguments of the kernel's `check_inputs`, a tensor first), or None for the torch path."""
+    backend = kernel_backend(kind, requested)
+    if backend == "torch" or (backend == "auto" and not operands[0].is_cuda):
+        return None
+    try:
+        kernel = _import_kernel(kind)
+        kernel.check_inputs(*operands)
+        return kernel
+    except ImportError:
+        problem = "Triton cannot be imported (pip install 'diffedit-sd[triton]')"
+    except (TypeError, ValueError) as error:  # the kernel's own one-sentence refusal
+        problem = str(error).rstrip(".")
+    if backend == "triton":
+        variable, switch = KERNEL_SWITCHES[kind]
+        raise ParameterError(f"the Triton {kind} kernel cannot serve these tensors: {problem}; "
+                             f"choose 'torch' or 'auto' with {switch} or {variable}.")
+    return None
+
+
+def _import_kernel(kind: str) -> ModuleType:
+    """diffedit.kernels.attention or .mask_reduction; ImportError without Triton."""
+    if kind == "attention":
+        from diffedit.kernels import attention as kernel
+    else:
+        from diffedit.kernels import mask_reduction as kernel
+    return kernel

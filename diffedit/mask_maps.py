@@ -14,30 +14,28 @@ then per image b, independently of the other images of the batch:
                   diffusers' pipeline (ratio = its `mask_thresholding_ratio`, 3.0), but with the
                   mean taken per image rather than over the whole batch
 
+    soft = blur(soft, sigma)    optional Gaussian smoothing (sigma in latent cells, 0 = none)
     mask = soft > threshold     (0.5 by default in both modes)
+    mask = dilate(mask, cells)  optional growth by that many latent cells (0 = none)
 
 A map that is zero everywhere (source equal to target) gives a soft map and a mask of zeros.
 `mask_maps_torch` is the torch path; `diffedit.kernels.mask_reduction` computes the same on CUDA
-in one pass over the noise predictions. `mask_maps` chooses between them:
-
-- `backend` argument or the environment variable DIFFEDIT_MASK_KERNEL = "auto" (default),
-  "torch" or "triton";
-- "auto" takes the Triton kernel for CUDA tensors when Triton is importable, torch otherwise;
-- "triton" raises when the kernel cannot serve the tensors (CPU tensors only under Triton's
-  interpreter, TRITON_INTERPRET=1, for the tests).
+in one pass over the noise predictions. `mask_maps` chooses between them with
+`diffedit.devices.choose_kernel`: its `backend` argument, else the environment variable
+DIFFEDIT_MASK_KERNEL, "auto" (default, Triton for CUDA tensors when it is installed), "torch" or
+"triton" (raises when the kernel cannot serve the tensors).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .errors import ParameterError
-
-NORMALIZATIONS = ("paper", "mean_ratio")
-MASK_BACKENDS = ("auto", "torch", "triton")
+from diffedit.devices import choose_kernel
+from diffedit.errors import ParameterError
+from diffedit.settings import NORMALIZATIONS
 
 
 @dataclass
@@ -71,6 +69,32 @@ def normalize_difference(difference: torch.Tensor, normalization: str = "paper",
     return soft.view_as(difference)
 
 
+def per_sample_difference(eps_target: torch.Tensor, eps_source: torch.Tensor) -> torch.Tensor:
+    """|eps_target - eps_source| of each noise sample, averaged over channels: (B, n, C, h, w) -> (B, n, h, w)."""
+    return (eps_target.float() - eps_source.float()).abs().mean(dim=2)
+
+
+def blur(soft: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, h, w) maps, sigma in latent cells (borders replicated)."""
+    if sigma <= 0:
+        return soft
+    radius = max(1, int(3 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=soft.device)
+    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    m = soft[:, None]  # (B, 1, h, w)
+    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return m[:, 0]
+
+
+def dilate(mask: torch.Tensor, cells: int) -> torch.Tensor:
+    """Grow a (B, h, w) boolean mask by `cells` latent cells (a square max filter)."""
+    if cells <= 0:
+        return mask
+    return F.max_pool2d(mask[:, None].float(), 2 * cells + 1, stride=1, padding=cells)[:, 0] > 0
+
+
 def mask_maps_torch(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str = "paper",
                     threshold: float = 0.5, clamp_std: float = 3.0, mean_ratio: float = 3.0) -> MaskMaps:
     """The whole reduction in plain torch (the reference of the Triton kernel)."""
@@ -88,37 +112,26 @@ def check_mask_inputs(eps_target: torch.Tensor, eps_source: torch.Tensor, normal
         raise ParameterError(f"unknown mask normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
 
 
-def mask_backend(backend: str | None = None) -> str:
-    """The backend asked for: the argument, else DIFFEDIT_MASK_KERNEL, else "auto"."""
-    name = backend if backend is not None else os.environ.get("DIFFEDIT_MASK_KERNEL", "auto")
-    name = name.strip().lower() or "auto"
-    if name not in MASK_BACKENDS:
-        source = "mask backend" if backend is not None else "DIFFEDIT_MASK_KERNEL"
-        raise ParameterError(f"{source} {name!r} is not a backend; use one of {', '.join(MASK_BACKENDS)}.")
-    return name
-
-
-def _triton_mask_kernel():
-    """The Triton mask reduction module, or None when Triton cannot be imported or run."""
-    try:
-        from .kernels import mask_reduction
-    except ImportError:
-        return None
-    return mask_reduction if mask_reduction.available() else None
-
-
 def mask_maps(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str = "paper",
               threshold: float = 0.5, clamp_std: float = 3.0, mean_ratio: float = 3.0,
-              backend: str | None = None) -> MaskMaps:
-    """DiffEdit's mask from noise predictions (B, n, C, h, w): the Triton kernel or the torch path."""
+              blur_sigma: float = 0.0, dilate_cells: int = 0, backend: str | None = None) -> MaskMaps:
+    """DiffEdit step 1 after the UNet, all of it: difference, normalisation, optional blur,
+    threshold, optional dilation, from noise predictions (B, n, C, h, w)."""
+    maps = _reduce(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio, backend)
+    if blur_sigma > 0:
+        maps.soft = blur(maps.soft, blur_sigma)
+        maps.mask = maps.soft > threshold
+    maps.mask = dilate(maps.mask, dilate_cells)
+    return maps
+
+
+def _reduce(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str, threshold: float,
+            clamp_std: float, mean_ratio: float, backend: str | None) -> MaskMaps:
+    """Difference, normalisation and threshold: the Triton kernel or the torch path."""
     check_mask_inputs(eps_target, eps_source, normalization)
-    choice = mask_backend(backend)
-    if choice == "triton" or (choice == "auto" and eps_target.is_cuda):  # CPU "auto" never imports Triton
-        kernel = _triton_mask_kernel()
-        if kernel is not None and kernel.supports(eps_target, eps_source):
-            return kernel.mask_maps(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio)
-        if choice == "triton":
-            raise ParameterError(f"the Triton mask kernel cannot serve {eps_target.dtype} tensors on "
-                                 f"{eps_target.device} (it needs Triton and a CUDA device); "
-                                 "use backend='torch' or DIFFEDIT_MASK_KERNEL=auto.")
-    return mask_maps_torch(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio)
+    kernel = choose_kernel("mask", (eps_target, eps_source), backend)
+    if kernel is None:
+        return mask_maps_torch(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio)
+    difference, soft, mask = kernel.mask_reduction(eps_target, eps_source, normalization, threshold, clamp_std,
+                                                   mean_ratio)
+    return MaskMaps(difference=difference, soft=soft, mask=mask)

@@ -22,10 +22,10 @@ from typing import Callable
 
 import torch
 
-from .sampler import DDIM, classifier_free_guidance
+from diffedit.sampler import DDIM, classifier_free_guidance
+from diffedit.settings import BLENDS  # noqa: F401  (the blends implemented by masked_ddim_decode)
 
 PredictNoise = Callable[..., torch.Tensor]  # (x_t, t, context, level=None) -> eps, fp32
-BLENDS = ("paper", "glide", "diffusers")
 
 
 def predict_guided(predict_noise: PredictNoise, x_t: torch.Tensor, t, context: torch.Tensor,

@@ -20,19 +20,26 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import method, packed_conv
-from .devices import parse_device, parse_dtype
-from .errors import ModelLoadError, NumericalError, ParameterError, PromptError
-from .image_io import fit_to_model, load_image, as_pil, mask_to_pil, restore
-from .loading import StableDiffusion, load_model
-from .mask_maps import NORMALIZATIONS, mask_maps
-from .results import DiffEditResult, EditResult, EncodedImage, Inversion, MaskResult
-from .sampler import DDIM
-from .vae import decode_sliced, encode_sliced
+from diffedit import method
+from diffedit.checkpoints.loading import StableDiffusion, load_model
+from diffedit.devices import parse_device, parse_dtype
+from diffedit.errors import ModelLoadError, NumericalError, ParameterError, PromptError
+from diffedit.io.images import as_pil, fit_to_model, load_image, restore
+from diffedit.io.pictures import latent_mask_of, mask_to_pil
+from diffedit.mask_maps import mask_maps, per_sample_difference
+from diffedit.models import packed_conv
+from diffedit.models.vae import decode_sliced, encode_sliced
+from diffedit.results import (
+    DiffEditResult,
+    EditResult,
+    EncodedImage,
+    Inversion,
+    MaskResult,
+)
+from diffedit.sampler import DDIM
+from diffedit.settings import DEFAULT, checked
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "weights" / "shapes-64"
 ImageInput = "str | os.PathLike | PIL.Image.Image | torch.Tensor | EncodedImage"
@@ -70,8 +77,8 @@ class DiffEditPipeline:
                         preset: str | None = None, pack_convolutions: bool = True) -> "DiffEditPipeline":
         """Load a diffusers-layout folder, a single original-layout file or a hub id (None: the
         small model embedded in the repository). On the CPU the UNet's and VAE's 3x3 convolutions
-        keep their weights in oneDNN's layout (see packed_conv.py: same results up to rounding,
-        1.3x faster UNet at 256 px); pack_convolutions=False keeps plain `nn.Conv2d`s."""
+        keep their weights in oneDNN's layout (models/packed_conv.py: same results up to rounding,
+        faster; figures in the README); pack_convolutions=False keeps plain `nn.Conv2d`s."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         if path_or_id is None and not EMBEDDED_MODEL.is_dir():
@@ -165,13 +172,18 @@ class DiffEditPipeline:
 
     # ------------------------------------------------------------------ DiffEdit step 1
 
+    @checked
     def generate_mask(self, image, source_prompt: str | Sequence[str] = "", target_prompt: str | Sequence[str] = "",
-                      *, num_samples: int = 10, noise_strength: float = 0.5, num_inference_steps: int = 50,
-                      normalization: str = "paper", threshold: float = 0.5, clamp_std: float = 3.0,
-                      mean_ratio: float = 3.0, guidance_scale: float = 1.0,
+                      *, num_samples: int = DEFAULT["mask_samples"],
+                      noise_strength: float = DEFAULT["mask_noise_strength"],
+                      num_inference_steps: int = DEFAULT["num_inference_steps"],
+                      normalization: str = DEFAULT["normalization"], threshold: float = DEFAULT["threshold"],
+                      clamp_std: float = DEFAULT["clamp_std"], mean_ratio: float = DEFAULT["mean_ratio"],
+                      guidance_scale: float = DEFAULT["mask_guidance_scale"],
                       source_negative_prompt: str | Sequence[str] | None = None,
                       target_negative_prompt: str | Sequence[str] | None = None,
-                      blur: float = 0.0, dilate: int = 0, chunk_size: int | None = None,
+                      blur: float = DEFAULT["blur"], dilate: int = DEFAULT["dilate"],
+                      chunk_size: int | None = DEFAULT["chunk_size"],
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                       resolution: int | None = None) -> MaskResult:
         """The mask (paper step 1): noise the image `num_samples` times to `noise_strength` (the
@@ -186,15 +198,8 @@ class DiffEditPipeline:
         from `generator` (and sets n). UNet batches hold at most `chunk_size` rows (default: 2
         on the CPU, where the packed UNet costs the same per sample at batch 2 as at 8 and 10
         and the decoding runs at batch 2 too, so the weights stay packed for one shape; 8 on GPUs)."""
-        _check_range("num_samples", num_samples, 1, None, integer=True)
         if chunk_size is None:
             chunk_size = 2 if self.device.type == "cpu" else 8
-        _check_range("chunk_size", chunk_size, 1, None, integer=True)
-        _check_range("noise_strength", noise_strength, 0.0, 1.0, low_open=True)
-        _check_range("threshold", threshold, 0.0, 1.0)
-        _check_range("guidance_scale", guidance_scale, 0.0, None)
-        if normalization not in NORMALIZATIONS:
-            raise ParameterError(f"unknown mask normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
         encoded = self.encode_image(image, resolution=resolution)
         B = encoded.latents.shape[0]
         sources, targets = _prompts(source_prompt, B, "source_prompt"), _prompts(target_prompt, B, "target_prompt")
@@ -217,29 +222,27 @@ class DiffEditPipeline:
             uncond[0], uncond[1], guidance_scale, chunk_size)
         for eps in (eps_target, eps_source):
             _check_finite(eps, f"the mask's noise predictions (t={int(t)})")
-        maps = mask_maps(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio)
-        soft = _smooth(maps.soft, blur) if blur > 0 else maps.soft
-        mask = soft > threshold
-        if dilate > 0:
-            mask = F.max_pool2d(mask[:, None].float(), 2 * dilate + 1, stride=1, padding=dilate)[:, 0] > 0
-        per_sample = (eps_target - eps_source).abs().mean(dim=2)
+        maps = mask_maps(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio, blur, dilate)
+        soft = maps.soft
         return MaskResult(
-            mask=mask, soft=soft, difference=maps.difference, per_sample=per_sample, timestep=int(t),
+            mask=maps.mask, soft=soft, difference=maps.difference,
+            per_sample=per_sample_difference(eps_target, eps_source), timestep=int(t),
             threshold=threshold, encoded=encoded,
-            mask_images=[_pixel_mask(soft[b], threshold, g, binary=True) for b, g in enumerate(encoded.geometry)],
-            soft_images=[_pixel_mask(soft[b], threshold, g, binary=False) for b, g in enumerate(encoded.geometry)])
+            # pixel masks: the soft map upsampled bilinearly, then thresholded (no blocky edge)
+            mask_images=[mask_to_pil(soft[b], g, threshold=threshold) for b, g in enumerate(encoded.geometry)],
+            soft_images=[mask_to_pil(soft[b], g) for b, g in enumerate(encoded.geometry)])
 
     # ------------------------------------------------------------------ DiffEdit step 2
 
-    def invert(self, image, prompt: str | Sequence[str] = "", *, strength: float = 0.8, num_inference_steps: int = 50,
-               guidance_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None,
+    @checked
+    def invert(self, image, prompt: str | Sequence[str] = "", *, strength: float = DEFAULT["strength"],
+               num_inference_steps: int = DEFAULT["num_inference_steps"],
+               guidance_scale: float = DEFAULT["inversion_guidance_scale"], negative_prompt: str | Sequence[str] | None = None,
                sample_posterior: bool = False, generator: torch.Generator | None = None,
                resolution: int | None = None, callback: Callable | None = None) -> Inversion:
         """DDIM encoding (paper step 2) up to `strength` = r on the `num_inference_steps` grid.
         Unconditional by default (prompt "", no guidance), as the paper encodes; every
         intermediate latent is kept, so one inversion serves every edit strength <= r."""
-        _check_range("strength", strength, 0.0, 1.0, low_open=True)
-        _check_range("guidance_scale", guidance_scale, 0.0, None)
         encoded = self.encode_image(image, sample_posterior=sample_posterior, generator=generator,
                                     resolution=resolution)
         B = encoded.latents.shape[0]
@@ -258,10 +261,12 @@ class DiffEditPipeline:
 
     # ------------------------------------------------------------------ DiffEdit step 3
 
+    @checked
     def edit(self, inversion: Inversion, mask, prompt: str | Sequence[str], *, strength: float | None = None,
-             num_inference_steps: int | None = None, guidance_scale: float = 7.5,
-             negative_prompt: str | Sequence[str] | None = None, blend: str = "paper", soft_mask: bool = False,
-             encode: bool = True, use_mask: bool = True, eta: float = 0.0, generator: torch.Generator | None = None,
+             num_inference_steps: int | None = None, guidance_scale: float = DEFAULT["guidance_scale"],
+             negative_prompt: str | Sequence[str] | None = None, blend: str = DEFAULT["blend"],
+             soft_mask: bool = DEFAULT["soft_mask"], encode: bool = DEFAULT["encode"],
+             use_mask: bool = DEFAULT["use_mask"], eta: float = DEFAULT["eta"], generator: torch.Generator | None = None,
              callback: Callable[[method.StepTrace], None] | None = None) -> EditResult:
         """Decode under `prompt` from the encoded latent at `strength` (default: the inversion's),
         the region outside `mask` following the encoded latents (paper step 3).
@@ -270,13 +275,8 @@ class DiffEditPipeline:
         with noised latents: "DiffEdit w/o encoding"), both False = SDEdit; blend "paper",
         "glide" (x0 interpolation) or "diffusers" (the deprecated pipeline's off-by-one blend).
         A strength above the inversion's, or another step count, re-runs the inversion."""
-        if blend not in method.BLENDS:
-            raise ParameterError(f"unknown blend {blend!r}; use one of {', '.join(method.BLENDS)}.")
-        _check_range("guidance_scale", guidance_scale, 0.0, None)
-        _check_range("eta", eta, 0.0, 1.0)
         steps = num_inference_steps or inversion.num_inference_steps
         strength = inversion.strength if strength is None else strength
-        _check_range("strength", strength, 0.0, 1.0, low_open=True)
         if encode and (steps != inversion.num_inference_steps or strength > inversion.strength):
             inversion = self.invert(inversion.encoded, inversion.prompt, strength=strength, num_inference_steps=steps,
                                     guidance_scale=inversion.guidance_scale, negative_prompt=inversion.negative_prompt)
@@ -287,7 +287,7 @@ class DiffEditPipeline:
         negatives = _prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt",
                              allow_empty=True)
         pairs = self.scheduler.step_pairs(steps, strength)
-        latent_mask = self._latent_mask(mask, x0, soft_mask) if use_mask else None
+        latent_mask = latent_mask_of(mask, x0, soft_mask) if use_mask else None
         if encode:
             reference = inversion.latent_at
         else:
@@ -308,44 +308,21 @@ class DiffEditPipeline:
         return EditResult(images=images, pixels=pixels, latents=y, mask=latent_mask,
                           timesteps=[int(t) for t, _ in pairs], settings=settings)
 
-    def _latent_mask(self, mask, x0: torch.Tensor, soft: bool) -> torch.Tensor:
-        """The mask as (B, 1, h, w) float at latent resolution, from a MaskResult, a tensor of
-        latent or pixel size, or an image (resized; values must lie in [0, 1])."""
-        h, w = x0.shape[-2:]
-        if isinstance(mask, MaskResult):
-            m = (mask.soft if soft else mask.mask).float()
-        else:
-            m = _as_mask_tensor(mask)
-        if m.dim() == 2:
-            m = m[None]
-        if m.dim() == 3:
-            m = m[:, None]
-        if m.dim() != 4 or m.shape[1] != 1:
-            raise ParameterError(f"a mask must be (h, w), (B, h, w) or (B, 1, h, w); got shape {tuple(m.shape)}.")
-        if m.min() < 0 or m.max() > 1:
-            raise ParameterError("mask values must lie in [0, 1] (1 = edit, 0 = keep); rescale the mask.")
-        if m.shape[-2:] != (h, w):
-            m = F.adaptive_max_pool2d(m, (h, w)) if not soft else F.interpolate(m, (h, w), mode="area")
-        if m.shape[0] == 1 and x0.shape[0] > 1:
-            m = m.expand(x0.shape[0], -1, -1, -1)
-        if m.shape[0] != x0.shape[0]:
-            raise ParameterError(f"{m.shape[0]} masks for {x0.shape[0]} images; give one mask per image.")
-        return m.to(x0.device, torch.float32)
-
     # ------------------------------------------------------------------ one shot
 
+    @checked
     def __call__(self, image, source_prompt: str | Sequence[str] = "", target_prompt: str | Sequence[str] = "", *,
-                 strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 negative_prompt: str | Sequence[str] | None = None, num_mask_samples: int = 10,
-                 mask_noise_strength: float = 0.5, mask_threshold: float = 0.5, mask_normalization: str = "paper",
-                 mask=None, blend: str = "paper", soft_mask: bool = False, encode: bool = True,
-                 use_mask: bool = True, generator: torch.Generator | None = None, resolution: int | None = None,
+                 strength: float = DEFAULT["strength"], num_inference_steps: int = DEFAULT["num_inference_steps"],
+                 guidance_scale: float = DEFAULT["guidance_scale"], negative_prompt: str | Sequence[str] | None = None,
+                 num_mask_samples: int = DEFAULT["mask_samples"],
+                 mask_noise_strength: float = DEFAULT["mask_noise_strength"],
+                 mask_threshold: float = DEFAULT["threshold"], mask_normalization: str = DEFAULT["normalization"],
+                 mask=None, blend: str = DEFAULT["blend"], soft_mask: bool = DEFAULT["soft_mask"],
+                 encode: bool = DEFAULT["encode"], use_mask: bool = DEFAULT["use_mask"], generator: torch.Generator | None = None, resolution: int | None = None,
                  callback: Callable | None = None) -> DiffEditResult:
         """generate_mask + invert + edit on one encoded image (given `mask` skips step 1).
         `callback` receives a method.StepTrace per decoding step."""
         before = self.counters.as_dict()
-        _check_range("strength", strength, 0.0, 1.0, low_open=True)  # refused before any work
-        _check_range("guidance_scale", guidance_scale, 0.0, None)
         self.scheduler.step_pairs(num_inference_steps, strength)
         encoded = self.encode_image(image, resolution=resolution)
         if mask is None and use_mask:
@@ -353,13 +330,10 @@ class DiffEditPipeline:
                                       noise_strength=mask_noise_strength, num_inference_steps=num_inference_steps,
                                       normalization=mask_normalization, threshold=mask_threshold,
                                       generator=generator)
-        inversion = None
         if encode:
             inversion = self.invert(encoded, strength=strength, num_inference_steps=num_inference_steps)
         else:
-            inversion = Inversion(latents=encoded.latents[:, None], timesteps=[], num_inference_steps=num_inference_steps,
-                                  strength=strength, prompt=[""] * encoded.latents.shape[0], guidance_scale=1.0,
-                                  negative_prompt=None, encoded=encoded)
+            inversion = Inversion.unencoded(encoded, num_inference_steps, strength)
         out = self.edit(inversion, mask, target_prompt, strength=strength, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, negative_prompt=negative_prompt, blend=blend,
                         soft_mask=soft_mask, encode=encode, use_mask=use_mask, generator=generator, callback=callback)
@@ -393,17 +367,6 @@ def check_prompt_pairs(sources: Sequence[str], targets: Sequence[str]) -> None:
                               "and nothing would change; give a target that differs from the source.")
 
 
-def _check_range(name: str, value, low, high, low_open: bool = False, integer: bool = False) -> None:
-    if integer and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ParameterError(f"{name} must be an integer, got {value!r}.")
-    if not isinstance(value, (int, float)) or value != value:
-        raise ParameterError(f"{name} must be a number, got {value!r}.")
-    too_low = value <= low if low_open else value < low
-    if too_low or (high is not None and value > high):
-        interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
-        raise ParameterError(f"{name} must lie in {interval}, got {value}.")
-
-
 def _check_finite(x: torch.Tensor, where: str) -> None:
     if not torch.isfinite(x).all():
         raise NumericalError(f"NaN or inf appeared in {where}; the model overflowed in this precision: "
@@ -428,27 +391,3 @@ def _finite_trace(user: Callable | None) -> Callable:
 
 def _gen_device(generator: torch.Generator | None) -> str | torch.device:
     return generator.device if generator is not None else "cpu"
-
-
-def _smooth(soft: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=soft.device)
-    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    m = soft[:, None]
-    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return m[:, 0]
-
-
-def _pixel_mask(soft: torch.Tensor, threshold: float, geometry, binary: bool):
-    """A latent-resolution soft map brought to the input's size: bilinear upsampling of the soft
-    map, then (binary) the threshold, so the mask edge is not blocky."""
-    return mask_to_pil(soft, geometry, threshold=threshold if binary else None)
-
-
-def _as_mask_tensor(mask) -> torch.Tensor:
-    if isinstance(mask, torch.Tensor):
-        return mask.detach().float().cpu()
-    pil = as_pil(mask) if not isinstance(mask, (str, os.PathLike)) else load_image(mask)
-    return torch.from_numpy(np.asarray(pil.convert("L"), dtype=np.float32) / 255.0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .image_io import Geometry
+from diffedit.io.images import Geometry
 
 
 @dataclass
@@ -51,6 +51,14 @@ class Inversion:
     guidance_scale: float           # guidance while encoding (1 = none, the paper's choice)
     negative_prompt: list[str] | None
     encoded: EncodedImage = field(repr=False)
+
+    @classmethod
+    def unencoded(cls, encoded: EncodedImage, num_inference_steps: int, strength: float) -> "Inversion":
+        """No DDIM encoding, only x0: what the "w/o encoding" and SDEdit ablations start from (their
+        decode noises x0 afresh at every step)."""
+        return cls(latents=encoded.latents[:, None], timesteps=[], num_inference_steps=num_inference_steps,
+                   strength=strength, prompt=[""] * encoded.latents.shape[0], guidance_scale=1.0,
+                   negative_prompt=None, encoded=encoded)
 
     def latent_at(self, t: int) -> torch.Tensor:
         """The encoded latent at grid timestep t (t < 0: x0)."""

@@ -27,8 +27,9 @@ import math
 
 import torch
 
-from .config import SchedulerConfig
-from .errors import ParameterError
+from diffedit.errors import ParameterError
+from diffedit.models.config import SchedulerConfig
+from diffedit.settings import check
 
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -119,8 +120,7 @@ class DDIM:
 
     def num_steps(self, num_inference_steps: int, strength: float) -> int:
         """k = min(int(n * strength), n): the steps a strength keeps (diffusers' DiffEdit get_timesteps)."""
-        if not 0.0 <= strength <= 1.0:
-            raise ParameterError(f"strength must be in (0, 1], got {strength}.")
+        check("strength", strength)
         k = min(int(num_inference_steps * strength), num_inference_steps)
         if k < 1:
             raise ParameterError(f"strength {strength} leaves no step out of {num_inference_steps} "

@@ -4,6 +4,10 @@
 - `mask_reduction`  DiffEdit's mask: noise predictions -> difference map -> soft map -> mask
 - `bench_gpu`       benchmark against the torch paths (`python -m diffedit.kernels.bench_gpu`, CUDA only)
 
-This file imports nothing: the submodules import Triton, and callers import them lazily
-(`diffedit.attention`, `diffedit.mask_maps`) so that `import diffedit` works without Triton.
+Each kernel file holds the algorithm and its memory traffic (docstring), the jitted kernel, a
+wrapper that checks its inputs (plain TypeError / ValueError) and launches it, and a torch
+reference. Tensors in, tensors out: no file here imports the rest of diffedit.
+
+This file imports nothing: the submodules import Triton, and diffedit imports them lazily, in its
+one chooser `diffedit.devices.choose_kernel`, so that `import diffedit` works without Triton.
 """

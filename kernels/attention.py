@@ -40,6 +40,11 @@ Under Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests) tl.dot is
 bf16 (numpy has no bf16), so bf16 operands are cast to fp32 just before the products; since the
 probabilities are still rounded to bf16 first and products of bf16 numbers are exact in fp32,
 the arithmetic is the same as the bf16 tensor-core path up to summation order.
+
+Interface. `attention` checks its inputs (`check_inputs`, plain TypeError / ValueError), picks
+the tiles and the grid and launches the kernel; `attention_reference` is the same function in
+plain torch. Tensors in, a tensor out: this file imports nothing of diffedit, which chooses
+between this kernel and torch in `diffedit.devices.choose_kernel`.
 """
 
 from __future__ import annotations
@@ -49,8 +54,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from diffedit.errors import ParameterError
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -127,30 +130,29 @@ def available() -> bool:
     return INTERPRETED or torch.cuda.is_available()
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
-    """Whether `attention` can serve these tensors (device, dtype, shapes, head dim)."""
-    return _unsupported(q, k, v, heads) is None
-
-
-def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> str | None:
-    """Why the kernel cannot serve these tensors, or None if it can."""
-    if not all(isinstance(x, torch.Tensor) and x.dim() == 3 for x in (q, k, v)):
-        return "q, k and v must be tensors of shape (batch, tokens, heads * head_dim)"
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> None:
+    """Raise TypeError (types, dtypes) or ValueError (devices, shapes) unless the kernel can serve these tensors."""
+    if not all(isinstance(x, torch.Tensor) for x in (q, k, v)) or not isinstance(heads, int):
+        raise TypeError("q, k and v must be torch tensors and heads an int.")
+    if not all(x.dim() == 3 for x in (q, k, v)):
+        raise ValueError("q, k and v must have shape (batch, tokens, heads * head_dim), "
+                         f"not {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
     devices = {x.device for x in (q, k, v)}
     if len(devices) != 1 or not (q.is_cuda or (INTERPRETED and q.device.type == "cpu")):
-        return ("q, k and v must be on one CUDA device (or the CPU under TRITON_INTERPRET=1), "
-                f"not {sorted(map(str, devices))}")
+        raise ValueError("q, k and v must be on one CUDA device (or the CPU under TRITON_INTERPRET=1), "
+                         f"not {sorted(map(str, devices))}.")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"q, k and v must share one dtype among float16, bfloat16, float32, not {q.dtype}, {k.dtype}, {v.dtype}"
+        raise TypeError("q, k and v must share one dtype among float16, bfloat16 and float32, "
+                        f"not {q.dtype}, {k.dtype}, {v.dtype}.")
     width = q.shape[-1]
     if heads < 1 or width % heads or k.shape[-1] != width or v.shape[-1] != width:
-        return (f"q, k and v must all have width heads * head_dim "
-                f"(widths {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}, heads {heads})")
+        raise ValueError("q, k and v must all have width heads * head_dim "
+                         f"(widths {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}, heads {heads}).")
     if not 0 < width // heads <= MAX_HEAD_DIM:
-        return f"the head dim must be between 1 and {MAX_HEAD_DIM}, not {width // heads}"
+        raise ValueError(f"the head dim must be between 1 and {MAX_HEAD_DIM}, not {width // heads}.")
     if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0] or min(q.shape[1], k.shape[1]) == 0:
-        return f"batch or token counts differ or are zero (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
-    return None
+        raise ValueError("q, k and v must share the batch, k and v the token count, and no count may be zero "
+                         f"(q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}).")
 
 
 def block_sizes(head_dim: int, fp32_operands: bool) -> tuple[int, int, int, int]:
@@ -171,9 +173,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
 
     `upcast` computes both products in fp32 (see the module docstring); the output has q's dtype.
     `block_m`, `block_n` override the tile sizes (powers of two, >= 16), for tests and tuning."""
-    problem = _unsupported(q, k, v, heads)
-    if problem is not None:
-        raise ParameterError(f"the Triton attention kernel cannot serve these tensors: {problem}.")
+    check_inputs(q, k, v, heads)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, n_q, width = q.shape
     n_k, head_dim = k.shape[1], width // heads
@@ -182,7 +182,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     block_m, block_n = block_m or default_m, block_n or default_n
     for block in (block_m, block_n):
         if block < 16 or block & (block - 1):
-            raise ParameterError(f"tile sizes must be powers of two of at least 16, not {block}.")
+            raise ValueError(f"tile sizes must be powers of two of at least 16, not {block}.")
 
     out = torch.empty(batch, n_q, width, device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(n_q, block_m), batch * heads)

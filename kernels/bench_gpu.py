@@ -7,14 +7,16 @@ and the 1280-wide middle block, so head dims 40, 80, 160, 160), self-attention o
 tokens and cross-attention to the 77 text tokens, at 512 px (64x64 latents: 4096, 1024, 256, 64
 tokens) and 768 px (96x96: 9216, 2304, 576, 144). Batch 2 by default (classifier-free
 guidance). Reports TFLOP/s of the fused kernel and of torch's scaled_dot_product_attention on
-the same (B, N, heads * d) layout (the torch path of `diffedit.attention`), their ratio, and the
+the same (B, N, heads * d) layout (the torch path of `diffedit.models.attention`), their ratio, and the
 largest difference between the two outputs. FLOPs = 4 * B * heads * Nq * Nk * d (two matmuls).
 
 Mask reduction: (B, n = 10, C = 4, h, w) noise predictions at the same latent sizes, against
-`mask_maps_torch`; reports GB/s over the bytes the reduction must move (both inputs read once,
-the difference and soft maps and the mask written once).
+`mask_reduction_reference` (the torch operations of `diffedit.mask_maps.mask_maps_torch`);
+reports GB/s over the bytes the reduction must move (both inputs read once, the difference and
+soft maps and the mask written once).
 
-It needs a CUDA device and exits with a one-line message without one.
+It needs a CUDA device and exits with a one-line message without one. Like the kernels, it imports
+nothing of diffedit: the torch baselines are `sdpa` below and the kernel files' references.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def attention_shapes(resolution: int, batch: int = 2) -> list[AttentionShape]:
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """The torch path of diffedit.attention: SDPA on (B, heads, N, d) views, output as (B, N, heads * d)."""
+    """The torch path of diffedit.models.attention: SDPA on (B, heads, N, d) views, output as (B, N, heads * d)."""
     q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
@@ -95,17 +97,16 @@ def bench_attention(shapes: list[AttentionShape], dtype: torch.dtype, device: st
 
 def bench_mask(shape: tuple[int, ...], dtype: torch.dtype, device: str = "cuda", timer=_do_bench) -> dict:
     """Time the mask kernel and the torch path on (B, n, C, h, w) inputs; print and return one row."""
-    from diffedit.mask_maps import mask_maps_torch
-
     from . import mask_reduction as kernel
     batch, _, _, height, width = shape
     eps_target = torch.randn(shape, device=device, dtype=dtype)
     eps_source = eps_target + 0.5 * torch.randn(shape, device=device, dtype=dtype)
-    ours, ref = kernel.mask_maps(eps_target, eps_source), mask_maps_torch(eps_target, eps_source)
+    _, soft, _ = kernel.mask_reduction(eps_target, eps_source)
+    _, soft_reference, _ = kernel.mask_reduction_reference(eps_target, eps_source)
     moved = 2 * eps_target.numel() * eps_target.element_size() + batch * height * width * (4 + 4 + 1)
-    ms_triton = timer(lambda: kernel.mask_maps(eps_target, eps_source))
-    ms_torch = timer(lambda: mask_maps_torch(eps_target, eps_source))
-    row = dict(shape=shape, error=(ours.soft - ref.soft).abs().max().item(),
+    ms_triton = timer(lambda: kernel.mask_reduction(eps_target, eps_source))
+    ms_torch = timer(lambda: kernel.mask_reduction_reference(eps_target, eps_source))
+    row = dict(shape=shape, error=(soft - soft_reference).abs().max().item(),
                triton=moved / ms_triton * 1e-6, torch=moved / ms_torch * 1e-6)  # GB/s
     print(f"mask {str(shape):22s} {str(dtype):15s} triton {row['triton']:7.1f} GB/s   torch {row['torch']:7.1f} GB/s"
           f"   ratio {row['triton'] / row['torch']:5.2f}   max |soft diff| {row['error']:.1e}")

@@ -1,7 +1,16 @@
 """DiffEdit's mask reduction in Triton: noise predictions -> difference map -> soft map -> mask.
 
-The semantics are those of the torch path, `diffedit.mask_maps.mask_maps_torch` (read its module
-docstring for the two normalisations). From eps_target and eps_source of shape (B, n, C, h, w):
+From eps_target and eps_source of shape (B, n, C, h, w) (n noise samples of each image under the
+target and the source text), per image b:
+
+    difference[b] = mean over n and C of |eps_target - eps_source|              (h, w) fp32
+    "paper"       soft = (min(d, bound) - low) / (high - low), bound = mean + clamp_std * std,
+                  low and high the min and max of the clamped map (DiffEdit, sec. 3.2)
+    "mean_ratio"  soft = min(d, bound) / bound, bound = mean_ratio * mean (diffusers' pipeline)
+    mask[b]       = soft > threshold                      (a map that is zero everywhere: all zero)
+
+`mask_reduction_reference` is this in plain torch, the same operations as diffedit's torch path
+`diffedit.mask_maps.mask_maps_torch`. Two kernels compute it:
 
 1. `_difference_kernel`, one pass over the inputs: a program owns BLOCK_P pixels of one image
    and walks the n * C slices of both tensors, accumulating |eps_target - eps_source| in fp32
@@ -16,7 +25,7 @@ docstring for the two normalisations). From eps_target and eps_source of shape (
    with the clamp: min(clamp(d)) = min(min(d), bound)), and the rescale to [0, 1]; for
    "mean_ratio" the bound mean_ratio * mean. It writes the soft map and the thresholded mask.
 
-Agreement with the torch path. Every elementwise step is the same fp32 operation as torch's
+Agreement with the torch reference. Every elementwise step is the same fp32 operation as torch's
 (|t - s| after the cast, the division by n * C, the mean, the clamp, the rescale, the comparison;
 divisions and the square root correctly rounded, tl.div_rn / tl.sqrt_rn, as torch's are). Only
 the order of the sums differs: the n * C values of a pixel, and the h * w values of an image for
@@ -24,6 +33,11 @@ the mean and the (two-pass) variance. So the results are bitwise equal whenever 
 exact (the tests check this with dyadic inputs) and otherwise differ by a few fp32 ulps: the
 difference and soft maps within rtol 1e-5 / atol 1e-6 (measured: <= 2e-7), and the masks equal
 except at pixels whose soft value lies within 1e-5 of the threshold.
+
+Interface. `mask_reduction` checks its inputs (`check_inputs`, plain TypeError / ValueError),
+computes the grids, launches both kernels and returns the tuple (difference, soft, mask). Tensors
+in, tensors out: this file imports nothing of diffedit, which wraps the tuple in its `MaskMaps`
+and chooses between this kernel and torch in `diffedit.devices.choose_kernel`.
 """
 
 from __future__ import annotations
@@ -32,10 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from diffedit.errors import ParameterError
-from diffedit.mask_maps import MaskMaps, check_mask_inputs
-
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NORMALIZATIONS = ("paper", "mean_ratio")
 FLOAT32_TINY: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).tiny)  # the torch path's clamp_min
 
 
@@ -111,11 +123,25 @@ def available() -> bool:
     return INTERPRETED or torch.cuda.is_available()
 
 
-def supports(eps_target: torch.Tensor, eps_source: torch.Tensor) -> bool:
-    """Whether `mask_maps` can serve these tensors (device and dtype; shapes are checked by the caller)."""
+def check_inputs(eps_target: torch.Tensor, eps_source: torch.Tensor) -> None:
+    """Raise TypeError (types, dtypes) or ValueError (devices, shapes) unless the kernels can serve these tensors."""
+    if not isinstance(eps_target, torch.Tensor) or not isinstance(eps_source, torch.Tensor):
+        raise TypeError("eps_target and eps_source must be torch tensors.")
+    if eps_target.dim() != 5 or eps_target.shape != eps_source.shape:
+        raise ValueError("eps_target and eps_source must have one shape (batch, samples, channels, height, width), "
+                         f"not {tuple(eps_target.shape)} and {tuple(eps_source.shape)}.")
     on_device = eps_target.is_cuda or (INTERPRETED and eps_target.device.type == "cpu")
-    return (on_device and eps_source.device == eps_target.device
-            and eps_target.dtype in DTYPES and eps_source.dtype in DTYPES)
+    if not on_device or eps_source.device != eps_target.device:
+        raise ValueError("eps_target and eps_source must be on one CUDA device (or the CPU under TRITON_INTERPRET=1), "
+                         f"not {eps_target.device} and {eps_source.device}.")
+    if eps_target.dtype not in DTYPES or eps_source.dtype not in DTYPES:
+        raise TypeError("eps_target and eps_source must be float16, bfloat16 or float32, "
+                        f"not {eps_target.dtype} and {eps_source.dtype}.")
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
 
 
 def _flat_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -123,19 +149,17 @@ def _flat_pixels(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
 
 
-def mask_maps(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str = "paper",
-              threshold: float = 0.5, clamp_std: float = 3.0, mean_ratio: float = 3.0,
-              block_pixels: int = 1024) -> MaskMaps:
-    """The DiffEdit mask of `diffedit.mask_maps.mask_maps_torch`, computed by the two kernels.
+def mask_reduction(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str = "paper",
+                   threshold: float = 0.5, clamp_std: float = 3.0, mean_ratio: float = 3.0,
+                   block_pixels: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DiffEdit mask by the two kernels: (B, n, C, h, w) float16/bfloat16/float32 inputs ->
+    (difference, soft, mask), each (B, h, w): float32, float32 in [0, 1], bool.
 
-    eps_target, eps_source: (B, n, C, h, w) float16/bfloat16/float32 -> MaskMaps of (B, h, w).
     `block_pixels` (a power of two) is the tile of pixels a program handles."""
-    check_mask_inputs(eps_target, eps_source, normalization)
-    if not supports(eps_target, eps_source):
-        raise ParameterError("the Triton mask kernel needs float16/bfloat16/float32 tensors on one CUDA device "
-                             f"(or the CPU under TRITON_INTERPRET=1), not {eps_target.dtype} on {eps_target.device}.")
+    check_inputs(eps_target, eps_source)
+    _check_normalization(normalization)
     if block_pixels < 16 or block_pixels & (block_pixels - 1):
-        raise ParameterError(f"block_pixels must be a power of two of at least 16, not {block_pixels}.")
+        raise ValueError(f"block_pixels must be a power of two of at least 16, not {block_pixels}.")
     eps_target, eps_source = _flat_pixels(eps_target), _flat_pixels(eps_source)
     batch, samples, channels, height, width = eps_target.shape
     pixels = height * width
@@ -154,4 +178,24 @@ def mask_maps(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization:
         difference, soft, mask, pixels, float(threshold), float(clamp_std), float(mean_ratio),
         PAPER=normalization == "paper", BLOCK_P=block,
     )
-    return MaskMaps(difference=difference, soft=soft, mask=mask.view(torch.bool))
+    return difference, soft, mask.view(torch.bool)
+
+
+def mask_reduction_reference(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str = "paper",
+                             threshold: float = 0.5, clamp_std: float = 3.0,
+                             mean_ratio: float = 3.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same reduction in plain torch, in fp32, on any device (the benchmark's and the tests' oracle)."""
+    _check_normalization(normalization)
+    difference = (eps_target.float() - eps_source.float()).abs().mean(dim=(1, 2))
+    d = difference.flatten(1)
+    mean = d.mean(dim=1, keepdim=True)
+    if normalization == "paper":
+        bound = mean + clamp_std * d.std(dim=1, unbiased=False, keepdim=True)
+        low, high = torch.minimum(d, bound).aminmax(dim=1, keepdim=True)
+    else:
+        bound = mean_ratio * mean
+        low, high = torch.zeros_like(bound), bound
+    span = high - low
+    soft = torch.where(span > 0, (torch.minimum(d, bound) - low) / span.clamp_min(torch.finfo(d.dtype).tiny), 0.0)
+    soft = soft.view_as(difference)
+    return difference, soft, soft > threshold

@@ -53,7 +53,7 @@ def text(name: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from diffedit.files import atomic_write_text
+    from diffedit.io.files import atomic_write_text
 
     stale = [name for name in NOTEBOOKS
              if not (HERE / name).is_file() or (HERE / name).read_text(encoding="utf-8") != text(name)]

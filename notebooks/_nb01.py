@@ -35,9 +35,9 @@ CELLS = [
     from PIL import Image
 
     from diffedit import DiffEditPipeline
-    from diffedit import shapes_world as world
-    from diffedit.image_io import overlay_mask
-    from diffedit.metrics import psnr
+    from diffedit.shapes import world as world
+    from diffedit.io.pictures import overlay_mask
+    from diffedit.research.metrics import psnr
 
     STEPS = 25      # the DDIM grid (the paper uses 50; 25 keeps this notebook at CPU-seconds)
     SEED = 0
@@ -136,9 +136,9 @@ CELLS = [
     print("difference = mean of per_sample, soft = clamp + rescale: both re-derived exactly")
     """),
     code("""
-    from diffedit.image_io import mask_to_pil
+    from diffedit.io.pictures import mask_to_pil
     from diffedit.mask_maps import normalize_difference
-    from diffedit.metrics import mask_iou
+    from diffedit.research.metrics import mask_iou
 
     geometry = mask.encoded.geometry[0]
     for k in (1, 2, 4, N):
@@ -203,7 +203,7 @@ CELLS = [
     encode-decode: the whole image follows the query.
     """),
     code("""
-    from diffedit.shapes_check import check_edit
+    from diffedit.shapes.check import check_edit
 
     traces = []
     edited = pipe.edit(inversion, mask, TARGET, guidance_scale=7.5, callback=traces.append)

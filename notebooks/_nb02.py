@@ -46,26 +46,27 @@ CELLS = [
     {textwrap.indent(textwrap.dedent(MODEL_SETUP).strip(), "    ").strip()}
     """),
     md("""
-    ## One call: `shapes_eval.evaluate`
+    ## One call: `shapes.eval.evaluate`
 
-    `evaluate` computes one mask and one inversion (to the largest $r$) per image and re-uses them for
-    every run: the $r$ table, the threshold table and the three ablations. Its summary holds the means
-    over the edits.
+    `evaluate` is a built-in sweep (the engine of the next section): one mask and one inversion (to the
+    largest $r$) per image serve every run: the $r$ table, the threshold table and the three ablations.
+    Its summary holds the means over the edits.
     """),
     code("""
-    from diffedit.shapes_eval import EvalSettings, evaluate
+    from diffedit.shapes.eval import EvalSettings, evaluate
 
     settings = EvalSettings(count=COUNT, num_inference_steps=STEPS, num_mask_samples=N_MASK, strength=0.8,
                             strengths=(0.2, 0.4, 0.6, 0.8, 1.0), thresholds=(0.3, 0.5, 0.7),
-                            batch_size=COUNT, seed=0)
+                            seed=0)
     report = evaluate(pipe, settings)
     print(report.table())
     print(f"{report.seconds:.1f} s for {len(report.rows)} edits")
     """),
     code("""
     runs = {s["run"]: s for s in report.summary}
-    area = {name: statistics.fmean(r["mask_area"] for r in report.rows if r["run"] == name) for name in runs}
-    masked = [s for s in report.summary if s["use_mask"] and s["encode"]]
+    area = {name: statistics.fmean(r["mask_area"] for r in report.rows if r["run"] == name)
+            for name in runs if runs[name]["ablation"] in ("none", "no_encode")}
+    masked = [s for s in report.summary if s["ablation"] == "none"]
     by_r = sorted((s for s in masked if s["threshold"] == settings.threshold), key=lambda s: s["strength"])
     by_threshold = sorted((s for s in masked if s["strength"] == settings.strength), key=lambda s: s["threshold"])
 
@@ -141,8 +142,8 @@ CELLS = [
     threshold. The same as a command: `diffedit sweep CONFIG.json --out DIR --figures`.
     """),
     code("""
-    from diffedit import figures
-    from diffedit.sweep import run_sweep
+    from diffedit.research import figures
+    from diffedit.research.sweep import run_sweep
 
     OUT = Path(os.environ.get("DIFFEDIT_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="diffedit-notebook-02-"))
     SWEEP = OUT / "sweep"
@@ -170,7 +171,7 @@ CELLS = [
     print(f"second call: {again.ran} run, {again.skipped} skipped")
     """),
     md("""
-    `diffedit.figures` draws from the sweep folder: the trade-off curves of DiffEdit and SDEdit along $r$,
+    `diffedit.research.figures` draws from the sweep folder: the trade-off curves of DiffEdit and SDEdit along $r$,
     an image grid (rows = items, columns = a swept value), the masks against the ground truth, and the
     noise-difference map of each mask sample.
     """),

@@ -65,7 +65,7 @@ CELLS = [
     from huggingface_hub.constants import HF_HUB_CACHE
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from diffedit.loading import hub_patterns
+    from diffedit.checkpoints.loading import hub_patterns
 
 
     def cached_snapshot(repo_id: str) -> Path | None:
@@ -126,7 +126,7 @@ CELLS = [
     if pipe is None:
         print("skipped: no weights")
     elif os.environ.get("DIFFEDIT_SD_IMAGE"):
-        from diffedit.image_io import load_image
+        from diffedit.io.images import load_image
         photo = load_image(os.environ["DIFFEDIT_SD_IMAGE"])
         SOURCE, TARGET = os.environ.get("DIFFEDIT_SD_SOURCE", ""), os.environ.get("DIFFEDIT_SD_TARGET", TARGET)
     else:
@@ -149,7 +149,7 @@ CELLS = [
     if pipe is None:
         print("skipped: no weights")
     else:
-        from diffedit.image_io import overlay_mask, side_by_side
+        from diffedit.io.pictures import overlay_mask, side_by_side
         t0 = time.perf_counter()
         result = pipe(photo, SOURCE, TARGET, strength=R, num_inference_steps=STEPS, num_mask_samples=N_MASK,
                       guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
@@ -164,7 +164,7 @@ CELLS = [
     else:
         import tempfile
         from IPython.display import Image as PNG
-        from diffedit.figures import difference_maps
+        from diffedit.research.figures import difference_maps
         out = Path(tempfile.mkdtemp(prefix="diffedit-notebook-03-")) / "differences.png"
         display(PNG(filename=str(difference_maps(result.mask, out=out))))
     print(f"notebook run time: {time.perf_counter() - started:.1f} s")

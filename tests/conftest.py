@@ -1,9 +1,16 @@
-"""Suite-wide settings. The tiny-config tests run on one thread: torch's thread pool costs more
-than it gains on models of a few hundred thousand parameters, and on a busy 2-core machine it made
-them up to 300x slower. Tests marked `slow` (full-size models) keep every thread."""
+"""Suite-wide settings and shared fixtures (plain helpers shared by tests are in reference_models.py;
+no test module imports another).
+
+The tiny-config tests run on one thread: torch's thread pool costs more than it gains on models of
+a few hundred thousand parameters, and on a busy 2-core machine it made them up to 300x slower
+(a 2-run sweep: 26 s -> 0.9 s). Tests marked `slow` (full-size models) keep every thread."""
+
+from pathlib import Path
 
 import pytest
 import torch
+
+from reference_models import build_reference
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +22,13 @@ def _threads_for_model_size(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """The random "tiny" reference model in diffusers layout, built once per test session (the same
+    folder test_cli.py builds; model_index.json is written last)."""
+    folder = tmp_path_factory.getbasetemp() / "tiny-random-model"
+    if not (folder / "model_index.json").is_file():
+        build_reference("tiny", folder, seed=0)
+    return folder

@@ -1,21 +1,28 @@
 """Random-weight Stable Diffusion models built with the REFERENCE libraries (diffusers,
-transformers), saved in diffusers layout: the oracles of the parity tests. Never imported by
-the library."""
+transformers), saved in diffusers layout: the oracles of the parity tests, with the helpers the
+tests share (`compare`, the bar of every parity test; `TINY`, the cheapest settings that still run
+every step of the pipeline). A helper module, not a test module; never imported by the library.
+Shared pytest fixtures are in conftest.py."""
 
 from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from diffedit.models.config import PRESETS
+
 REPO = Path(__file__).resolve().parents[1]
 CLIP_BPE = REPO / "weights" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
-SD_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+# SD's noise schedule, from the preset, with the PNDM keys that SD's own scheduler_config.json carries.
+SD_SCHEDULER = {"_class_name": "PNDMScheduler", "skip_prk_steps": True, **asdict(PRESETS["sd1"].scheduler)}
+
+REL_TOL = 1e-4  # the parity bar: max|ours - ref| / max|ref|
+TINY = {"num_inference_steps": 4, "mask_samples": 2, "guidance_scale": 2.0}  # sweep settings for the tiny model
 
 # name -> (unet kwargs, vae kwargs, CLIPTextConfig kwargs, pad token, prediction type)
 ARCHITECTURES = {
@@ -125,3 +132,28 @@ def build_reference(arch: str, folder: Path, seed: int = 0, with_models: bool = 
         del unet, vae, text_encoder
         return folder, None
     return folder, (unet, vae, text_encoder)
+
+
+@dataclass(frozen=True)
+class Diff:
+    """How far our output is from the reference: max|a - b| and max|a - b| / max|b|."""
+    name: str
+    max_abs: float
+    max_rel: float
+
+    def __str__(self) -> str:
+        return f"{self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+
+
+def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = REL_TOL) -> Diff:
+    """Assert same shape and max|ours - ref| / max|ref| < tol; print and return the figures."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    ours, ref = ours.detach().double(), ref.detach().double()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    scale = ref.abs().max().item()
+    assert scale > 0, f"{name}: the reference output is all zeros, nothing is compared"
+    max_abs = (ours - ref).abs().max().item()
+    diff = Diff(name, max_abs, max_abs / scale)
+    print(f"[parity] {diff}")
+    assert diff.max_rel < tol, f"{diff} (bar {tol:g})"
+    return diff

@@ -23,7 +23,7 @@ REFERENCE = Path(__file__).parent / "data" / "embedded_reference.json"
 def reference_result() -> dict:
     """A small fingerprint of the model: UNet output on a fixed input and one short DiffEdit edit."""
     from diffedit.pipeline import DiffEditPipeline
-    from diffedit.shapes_world import heldout_edits
+    from diffedit.shapes.world import heldout_edits
 
     pipe = DiffEditPipeline.from_pretrained(MODEL)
     gen = torch.Generator().manual_seed(0)
@@ -41,7 +41,7 @@ def reference_result() -> dict:
 
 
 def test_embedded_model_loads_strictly_and_fits_budget():
-    from diffedit.loading import load_model
+    from diffedit.checkpoints.loading import load_model
 
     size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
     assert size <= 25 * 2**20, f"embedded model is {size / 2**20:.1f} MiB, budget 25 MiB"
@@ -72,8 +72,8 @@ def test_embedded_model_reproduces_stored_result():
 def test_short_training_run_end_to_end(tmp_path):
     """A few steps of every stage, then the saved folder loads and edits like the shipped one."""
     from diffedit.pipeline import DiffEditPipeline
-    from diffedit.training import QUICK, train
-    from diffedit.shapes_world import heldout_edits
+    from diffedit.shapes.training import QUICK, train
+    from diffedit.shapes.world import heldout_edits
 
     out = train(tmp_path / "model", QUICK, threads=1)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "a staging file was left behind"
@@ -88,7 +88,7 @@ def test_short_training_run_end_to_end(tmp_path):
 
 
 def test_training_is_reproducible_from_seed(tmp_path):
-    from diffedit.training import QUICK, train
+    from diffedit.shapes.training import QUICK, train
     from safetensors.torch import load_file
 
     a, b = train(tmp_path / "a", QUICK, threads=1), train(tmp_path / "b", QUICK, threads=1)
@@ -100,20 +100,25 @@ def test_training_is_reproducible_from_seed(tmp_path):
 
 
 def test_eval_shapes_small_run(tmp_path):
+    """`eval shapes` is a built-in sweep: its rows are the sweep's, its summary one line per run."""
     from diffedit.pipeline import DiffEditPipeline
-    from diffedit.shapes_eval import EvalSettings, evaluate, write_report
+    from diffedit.research.table import read_rows
+    from diffedit.shapes.eval import EvalSettings, evaluate, write_report
 
     pipe = DiffEditPipeline.from_pretrained(MODEL)
-    report = evaluate(pipe, EvalSettings(count=2, num_inference_steps=8, num_mask_samples=2, batch_size=2,
-                                         strengths=(0.4,), thresholds=(0.3,)))
+    report = evaluate(pipe, EvalSettings(count=2, num_inference_steps=8, num_mask_samples=2,
+                                         strengths=(0.4,), thresholds=(0.3,)), tmp_path)
     runs = [s["run"] for s in report.summary]
     assert runs == ["diffedit", "r=0.4", "threshold=0.3", "no_mask", "no_encode", "sdedit"]
-    assert len(report.rows) == 2 * len(runs)
+    assert len(report.rows) == 2 * len(runs) == len(read_rows(tmp_path))
     for row in report.rows:
-        assert 0.0 <= row["mask_iou"] <= 1.0 and row["bg_psnr"] > 5.0
+        assert row["bg_psnr_scene"] > 5.0
+        assert (0.0 <= row["mask_iou"] <= 1.0) if row["ablation"] in ("none", "no_encode") else "mask_iou" not in row
     csv_path, json_path = write_report(report, tmp_path)
-    assert len(csv_path.read_text().splitlines()) == 1 + len(report.rows)
+    assert len(csv_path.read_text().splitlines()) == 1 + len(runs)
     assert json.loads(json_path.read_text())["summary"][0]["run"] == "diffedit"
+    again = evaluate(pipe, report.settings, tmp_path)   # a finished evaluation resumes to the same table
+    assert again.summary == report.summary
 
 
 if __name__ == "__main__":

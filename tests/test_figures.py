@@ -10,36 +10,29 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit import figures as F
+from diffedit.research import figures as F
 from diffedit.errors import ParameterError
 from diffedit.pipeline import DiffEditPipeline
-from diffedit.shapes_world import heldout_edits
-from diffedit.sweep import add_arguments, read_rows, run, run_sweep
-from test_sweep import TINY, tiny_model_folder
+from diffedit.shapes.world import heldout_edits
+from diffedit.research.sweep import add_arguments, run, run_sweep
+from diffedit.research.table import read_rows
+from reference_models import TINY
 
 CELL = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _config() -> dict:
-    return {"model": str(tiny_model_folder()), "items": {"benchmark": "shapes", "count": 2},
+def _config(model_folder) -> dict:
+    return {"model": str(model_folder), "items": {"benchmark": "shapes", "count": 2},
             "grid": {**TINY, "strength": [0.5, 1.0], "ablation": ["none", "no_mask"]}}
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory):
+def sweep_dir(tmp_path_factory, tiny_model_folder):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a module fixture runs before conftest's per-test one-thread setting
     folder = tmp_path_factory.mktemp("sweep")
-    pipe = DiffEditPipeline.from_pretrained(tiny_model_folder())
-    run_sweep(_config(), folder, pipe=pipe, bar=False)
+    pipe = DiffEditPipeline.from_pretrained(tiny_model_folder)
+    run_sweep(_config(tiny_model_folder), folder, pipe=pipe, bar=False)
     torch.set_num_threads(threads)
     return folder
 
@@ -92,7 +85,7 @@ def test_an_ambiguous_cell_is_refused(sweep_dir, tmp_path):
     assert not (tmp_path / "g.png").exists()
 
 
-def test_mask_overlays_and_difference_maps(sweep_dir, tmp_path):
+def test_mask_overlays_and_difference_maps(sweep_dir, tmp_path, tiny_model_folder):
     masks = _png(F.mask_overlays(sweep_dir, cell=CELL))
     assert masks.shape == (F.HEADER + 2 * CELL, 5 * CELL, 3)
     diffs = _png(F.difference_maps(sweep_dir, item="shapes-001", cell=CELL))
@@ -100,7 +93,7 @@ def test_mask_overlays_and_difference_maps(sweep_dir, tmp_path):
     with pytest.raises(ParameterError, match="item"):
         F.difference_maps(sweep_dir)
     # from a MaskResult, as the notebooks draw them: n = 3 samples, no sweep folder
-    pipe = DiffEditPipeline.from_pretrained(tiny_model_folder())
+    pipe = DiffEditPipeline.from_pretrained(tiny_model_folder)
     edit = heldout_edits(1)[0]
     result = pipe.generate_mask(Image.fromarray(edit.source_image), edit.source_caption, edit.target_caption,
                                 num_samples=3, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
@@ -131,10 +124,10 @@ def test_tradeoff_table_and_curve(sweep_dir, tmp_path):
     _no_temp_files(tmp_path)
 
 
-def test_sweep_command_draws_the_default_figures(sweep_dir, tmp_path, capsys):
+def test_sweep_command_draws_the_default_figures(sweep_dir, tmp_path, capsys, tiny_model_folder):
     import json
     config = tmp_path / "c.json"
-    config.write_text(json.dumps(_config()))
+    config.write_text(json.dumps(_config(tiny_model_folder)))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([str(config), "--out", str(sweep_dir), "--figures", "--quiet"])

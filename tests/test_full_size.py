@@ -6,7 +6,8 @@ diffusers layout; the reference outputs are computed and the reference models fr
 loader reads the folder, so only one full model is in memory at a time. Inputs are small (batch 1,
 32x32 and 64x64 latents, 128 px images).
 
-The bar is the one of test_models_parity.py: max|ours - ref| / max|ref| < 1e-4."""
+The bar is the one of test_models_parity.py (`compare` of reference_models.py):
+max|ours - ref| / max|ref| < 1e-4."""
 
 from __future__ import annotations
 
@@ -24,10 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffedit.loading import StableDiffusion, load_model
-from diffedit.tokenizer import Tokenizer
-from reference_models import build_reference
-from test_models_parity import compare
+from diffedit.checkpoints.loading import StableDiffusion, load_model
+from diffedit.models.tokenizer import Tokenizer
+from reference_models import build_reference, compare
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_unet(full, size, timestep):
 def test_unet_with_packed_convolutions(full):
     """The pipeline's CPU path (3x3 convolutions packed for oneDNN, diffedit/packed_conv.py) meets
     the same bar; the model is unpacked again afterwards."""
-    from diffedit.packed_conv import pack_convolutions, unpack_convolutions
+    from diffedit.models.packed_conv import pack_convolutions, unpack_convolutions
     if not torch.backends.mkldnn.is_available():
         pytest.fail("torch was built without oneDNN: the pipeline's CPU path cannot be checked")
     count = pack_convolutions(full.model.unet)
@@ -149,7 +149,7 @@ RSS_SCRIPT = textwrap.dedent("""
     import json, re, sys, time
     from pathlib import Path
     import torch
-    from diffedit.loading import load_model
+    from diffedit.checkpoints.loading import load_model
 
     def peak_rss():  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
         return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024

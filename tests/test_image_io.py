@@ -26,11 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-import diffedit.image_io as image_io
+import diffedit.io.images as image_io
 from diffedit.errors import DiffEditError, ImageInputError, OutputFileError, ParameterError
-from diffedit.image_io import (Geometry, ImageWarning, as_pil, atomic_write, atomic_write_text, fit_to_model,
-                               load_image, mask_to_pil, overlay_mask, pil_to_tensor, restore, save_image,
-                               side_by_side, tensor_to_pil, working_size)
+from diffedit.io.images import Geometry, ImageWarning, as_pil, atomic_write, atomic_write_text, fit_to_model, load_image, pil_to_tensor, restore, save_image, tensor_to_pil, working_size
+from diffedit.io.pictures import mask_to_pil, overlay_mask, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
@@ -711,7 +710,7 @@ def test_stale_temps_of_dead_processes_cleaned(tmp_path):
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    from diffedit.image_io import atomic_write
+    from diffedit.io.images import atomic_write
 
     def write(f):
         chunk = b"x" * (1 << 20)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffedit import attention as attention_module
+from diffedit.models import attention as attention_module
 from diffedit.errors import ParameterError
 from diffedit.mask_maps import MaskMaps, mask_maps, mask_maps_torch
 
@@ -137,21 +137,26 @@ def interpreted_test_attention_strided_views_and_small_tiles():
 
 
 def interpreted_test_attention_refuses_what_it_cannot_serve():
+    """The kernel file stands alone: it refuses with plain TypeError / ValueError, not diffedit's errors."""
     q, k, v = _qkv(1, 2, 64, 16, 16, torch.float32)
-    assert kernel_attention.available() and kernel_attention.supports(q, k, v, 2)
+    assert kernel_attention.available()
+    kernel_attention.check_inputs(q, k, v, 2)
     refused = [
-        (q.double(), k.double(), v.double(), 2),          # dtype
-        (q, k.half(), v, 2),                               # mixed dtypes
-        (q, k, v, 3),                                      # width not a multiple of heads
-        (q.repeat(1, 1, 8), k.repeat(1, 1, 8), v.repeat(1, 1, 8), 2),  # head dim 512 > 256
-        (q, k[:, :5], v, 2),                               # k and v token counts differ
-        (q[0], k[0], v[0], 2),                             # not 3-D
+        (TypeError, (q.double(), k.double(), v.double(), 2)),         # dtype
+        (TypeError, (q, k.half(), v, 2)),                              # mixed dtypes
+        (TypeError, (q.numpy(), k, v, 2)),                             # not a tensor
+        (ValueError, (q, k, v, 3)),                                    # width not a multiple of heads
+        (ValueError, (q.repeat(1, 1, 8), k.repeat(1, 1, 8), v.repeat(1, 1, 8), 2)),  # head dim 512 > 256
+        (ValueError, (q, k[:, :5], v, 2)),                             # k and v token counts differ
+        (ValueError, (q[0], k[0], v[0], 2)),                           # not 3-D
     ]
-    for args in refused:
-        assert not kernel_attention.supports(*args)
-        with pytest.raises(ParameterError):
+    for error, args in refused:
+        with pytest.raises(error):
+            kernel_attention.check_inputs(*args)
+        with pytest.raises(error) as refusal:
             kernel_attention.attention(*args)
-    with pytest.raises(ParameterError):
+        assert not isinstance(refusal.value, ParameterError)
+    with pytest.raises(ValueError):
         kernel_attention.attention(q, k, v, 2, block_m=24)
 
 
@@ -188,6 +193,12 @@ def _assert_maps_agree(ours: MaskMaps, ref: MaskMaps, threshold: float):
     assert 0 < ref.mask.sum() < ref.mask.numel()  # a mask that is neither empty nor full
 
 
+def _kernel_maps(*args, **kwargs) -> MaskMaps:
+    """The kernel's (difference, soft, mask) tuple as diffedit's MaskMaps."""
+    difference, soft, mask = kernel_mask.mask_reduction(*args, **kwargs)
+    return MaskMaps(difference=difference, soft=soft, mask=mask)
+
+
 MASK_CASES = [
     # shape (B, n, C, h, w), dtype, block_pixels
     ((1, 1, 4, 8, 8), torch.float32, 1024),
@@ -201,8 +212,19 @@ MASK_CASES = [
 @pytest.mark.parametrize("shape,dtype,block", MASK_CASES)
 def interpreted_test_mask_kernel_matches_torch_path(shape, dtype, block, normalization, threshold):
     target, source = _eps_pair(shape, dtype)
-    ours = kernel_mask.mask_maps(target, source, normalization, threshold, block_pixels=block)
+    ours = _kernel_maps(target, source, normalization, threshold, block_pixels=block)
     _assert_maps_agree(ours, mask_maps_torch(target, source, normalization, threshold), threshold)
+
+
+@pytest.mark.parametrize("normalization,threshold", [("paper", 0.5), ("mean_ratio", 0.4)])
+@pytest.mark.parametrize("shape,dtype,block", MASK_CASES)
+def interpreted_test_mask_kernel_reference_is_the_torch_path(shape, dtype, block, normalization, threshold):
+    """The kernel file's own torch reference (the benchmark's baseline) is diffedit's torch path, bit for bit."""
+    target, source = _eps_pair(shape, dtype)
+    ours = MaskMaps(*kernel_mask.mask_reduction_reference(target, source, normalization, threshold))
+    ref = mask_maps_torch(target, source, normalization, threshold)
+    for name in ("difference", "soft", "mask"):
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
 
 
 @pytest.mark.parametrize("normalization", ["paper", "mean_ratio"])
@@ -217,19 +239,19 @@ def interpreted_test_mask_kernel_is_bitwise_equal_when_sums_are_exact(normalizat
     ref = mask_maps_torch(target, source, normalization)
     d = ref.difference.flatten(1)
     assert (d.amax(1) > d.mean(1) + 3 * d.std(1, unbiased=False)).all()  # the paper clamp is active
-    ours = kernel_mask.mask_maps(target, source, normalization, block_pixels=64)
+    ours = _kernel_maps(target, source, normalization, block_pixels=64)
     assert torch.equal(ours.difference, ref.difference)
     assert torch.equal(ours.soft, ref.soft)
     assert torch.equal(ours.mask, ref.mask)
     attained = ref.soft[1, 4, 7].item()  # a threshold some pixels sit exactly on: soft > threshold, not >=
-    assert torch.equal(kernel_mask.mask_maps(target, source, normalization, attained).mask,
+    assert torch.equal(_kernel_maps(target, source, normalization, attained).mask,
                        mask_maps_torch(target, source, normalization, attained).mask)
 
 
 @pytest.mark.parametrize("normalization", ["paper", "mean_ratio"])
 def interpreted_test_mask_kernel_zero_map(normalization):
     target, _ = _eps_pair((2, 2, 4, 10, 6), torch.float16)
-    ours = kernel_mask.mask_maps(target, target.clone(), normalization)
+    ours = _kernel_maps(target, target.clone(), normalization)
     assert not ours.difference.any() and not ours.soft.any() and not ours.mask.any()
 
 
@@ -237,22 +259,29 @@ def interpreted_test_mask_kernel_strided_inputs():
     """Views with free batch/sample/channel strides are read in place; (h, w) not contiguous is copied."""
     target, source = _eps_pair((2, 4, 4, 11, 7), torch.float32)
     sliced_t, sliced_s = target[:, ::2], source[:, 1::2]  # every other sample
-    ours = kernel_mask.mask_maps(sliced_t, sliced_s, block_pixels=16)
+    ours = _kernel_maps(sliced_t, sliced_s, block_pixels=16)
     _assert_maps_agree(ours, mask_maps_torch(sliced_t, sliced_s), 0.5)
     flipped_t, flipped_s = target.transpose(-1, -2), source.transpose(-1, -2)
-    ours = kernel_mask.mask_maps(flipped_t, flipped_s)
+    ours = _kernel_maps(flipped_t, flipped_s)
     _assert_maps_agree(ours, mask_maps_torch(flipped_t, flipped_s), 0.5)
 
 
 def interpreted_test_mask_kernel_refuses_bad_input():
+    """Plain TypeError / ValueError from the kernel file, not diffedit's errors."""
     target, source = _eps_pair((1, 1, 4, 8, 8), torch.float32)
-    assert kernel_mask.available() and kernel_mask.supports(target, source)
-    assert not kernel_mask.supports(target.double(), source.double())
-    for args, kwargs in [((target, source[..., :7]), {}), ((target[0], source[0]), {}),
-                         ((target, source, "median"), {}), ((target.double(), source.double()), {}),
-                         ((target, source), {"block_pixels": 48})]:
-        with pytest.raises(ParameterError):
-            kernel_mask.mask_maps(*args, **kwargs)
+    assert kernel_mask.available()
+    kernel_mask.check_inputs(target, source)
+    with pytest.raises(TypeError):
+        kernel_mask.check_inputs(target.double(), source.double())
+    for error, args, kwargs in [(ValueError, (target, source[..., :7]), {}), (ValueError, (target[0], source[0]), {}),
+                                (ValueError, (target, source, "median"), {}),
+                                (TypeError, (target.double(), source.double()), {}),
+                                (ValueError, (target, source), {"block_pixels": 48})]:
+        with pytest.raises(error) as refusal:
+            kernel_mask.mask_reduction(*args, **kwargs)
+        assert not isinstance(refusal.value, ParameterError)
+    with pytest.raises(ValueError):
+        kernel_mask.mask_reduction_reference(target, source, "median")
 
 
 # --- dispatch -------------------------------------------------------------------------------
@@ -269,7 +298,7 @@ def spies(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(kernel_attention, "attention", counting("attention", kernel_attention.attention))
-    monkeypatch.setattr(kernel_mask, "mask_maps", counting("mask", kernel_mask.mask_maps))
+    monkeypatch.setattr(kernel_mask, "mask_reduction", counting("mask", kernel_mask.mask_reduction))
     monkeypatch.delenv("DIFFEDIT_MASK_KERNEL", raising=False)
     monkeypatch.delenv("DIFFEDIT_ATTENTION", raising=False)
     yield calls
@@ -288,12 +317,12 @@ def interpreted_test_mask_dispatch(spies, monkeypatch):
     assert spies["mask"] == 2
     assert torch.equal(mask_maps(target, source, backend="torch").soft, ref.soft)  # the argument wins
     assert spies["mask"] == 2
-    with pytest.raises(ParameterError):
+    with pytest.raises(ParameterError, match="mask kernel cannot serve .* float16, bfloat16 or float32"):
         mask_maps(target.double(), source.double())  # "triton" forced on a dtype it cannot serve
     monkeypatch.setenv("DIFFEDIT_MASK_KERNEL", "cuda")
-    with pytest.raises(ParameterError):
+    with pytest.raises(ParameterError, match="DIFFEDIT_MASK_KERNEL='cuda' is not a backend"):
         mask_maps(target, source)
-    with pytest.raises(ParameterError):
+    with pytest.raises(ParameterError, match="unknown mask backend 'fast'"):
         mask_maps(target, source, backend="fast")
     with pytest.raises(ParameterError):
         mask_maps(target, source[:, :1], backend="torch")
@@ -311,7 +340,7 @@ def interpreted_test_attention_dispatch(spies, monkeypatch):
     attention_module.attention(q, k, v, 2)
     assert spies["attention"] == 1
     attention_module.set_attention_backend("triton")
-    with pytest.raises(ParameterError):
+    with pytest.raises(ParameterError, match="attention kernel cannot serve .* float16, bfloat16 and float32"):
         attention_module.attention(q.double(), k.double(), v.double(), 2)
 
 
@@ -325,7 +354,7 @@ def _run(code: str, env_extra: dict[str, str], tmp_path: Path) -> subprocess.Com
 
 DISPATCH_WITHOUT_KERNELS = """
     import torch
-    from diffedit.attention import attention, set_attention_backend
+    from diffedit.models.attention import attention, set_attention_backend
     from diffedit.errors import ParameterError
     from diffedit.mask_maps import mask_maps, mask_maps_torch
     t = torch.randn(1, 2, 4, 6, 6); s = t + torch.randn(1, 2, 4, 6, 6)
@@ -349,6 +378,7 @@ def test_cpu_without_interpreter_falls_back_to_torch(tmp_path):
     result = _run(code, {}, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("refused:") == 2
+    assert result.stdout.count("must be on one CUDA device (or the CPU under TRITON_INTERPRET=1)") == 2
     assert "kernels available: False False False" in result.stdout
 
 
@@ -373,8 +403,30 @@ def test_everything_works_without_triton(tmp_path):
     """
     result = _run(code, {"PYTHONPATH": str(fake.parent), "TRITON_INTERPRET": "1"}, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("refused:") == 2
+    assert result.stdout.count("refused:") == 2 and result.stdout.count("Triton cannot be imported") == 2
     assert "triton hidden" in result.stdout and "top-level kernels inert" in result.stdout
+
+
+def test_one_chooser_for_both_kernels(monkeypatch):
+    """diffedit.devices decides Triton or torch for both kernels: the caller's choice, else the
+    kind's environment variable, else "auto"; unknown names are refused in one sentence."""
+    from diffedit.devices import choose_kernel, kernel_backend
+
+    x = torch.zeros(1, 2, 4, 3, 3)
+    for kind, variable in (("attention", "DIFFEDIT_ATTENTION"), ("mask", "DIFFEDIT_MASK_KERNEL")):
+        monkeypatch.delenv(variable, raising=False)
+        assert kernel_backend(kind) == "auto"
+        monkeypatch.setenv(variable, " Torch ")
+        assert kernel_backend(kind) == "torch" and kernel_backend(kind, "triton") == "triton"  # the argument wins
+        monkeypatch.setenv(variable, "cuda")
+        with pytest.raises(ParameterError, match=f"^{variable}='cuda' is not a backend; use one of auto, torch, triton"):
+            kernel_backend(kind)
+        with pytest.raises(ParameterError, match=f"^unknown {kind} backend 'fast'; use one of auto, torch, triton"):
+            kernel_backend(kind, "fast")
+        monkeypatch.setenv(variable, "auto")
+        assert choose_kernel(kind, (x,)) is None and choose_kernel(kind, (x,), "torch") is None  # CPU: torch
+    with pytest.raises(ParameterError, match="unknown attention backend"):
+        attention_module.set_attention_backend("fast")
 
 
 def test_bench_exits_with_one_line_without_cuda(tmp_path):
@@ -414,8 +466,8 @@ def interpreted_test_kernels_in_tiny_unet_and_diffedit_mask(spies):
     """The tiny UNet with every attention served by the kernel, and a tiny DiffEdit mask (noise
     predictions for two prompts over two noise samples, then the mask kernel), give the torch
     path's results."""
-    from diffedit.config import PRESETS
-    from diffedit.unet import Attention, UNet
+    from diffedit.models.config import PRESETS
+    from diffedit.models.unet import Attention, UNet
 
     config = PRESETS["tiny"].unet
     torch.manual_seed(0)

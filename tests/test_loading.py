@@ -21,10 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffedit.config import PRESETS
+from diffedit.models.config import PRESETS
 from diffedit.errors import ModelLoadError, UnsafeCheckpointError
-from diffedit.loading import load_model
-from diffedit.single_file import OPEN_CLIP, to_original_checkpoint
+from diffedit.checkpoints.loading import load_model
+from diffedit.checkpoints.architecture import OPEN_CLIP
+from diffedit.checkpoints.single_file import to_original_checkpoint
 from reference_models import build_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,7 +279,7 @@ HUB_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from diffedit.errors import ModelLoadError
-    from diffedit.loading import load_model
+    from diffedit.checkpoints.loading import load_model
     from test_loading import fake_hub_cache
 
     def refuse(*args, **kwargs):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffedit import method
-from diffedit.config import SchedulerConfig
+from diffedit.models.config import SchedulerConfig
 from diffedit.errors import ParameterError
 from diffedit.mask_maps import mask_maps
 from diffedit.pipeline import DiffEditPipeline

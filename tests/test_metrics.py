@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit import metrics as M
+from diffedit.research import metrics as M
 from diffedit.errors import ParameterError
 
 

@@ -2,15 +2,15 @@
 and AutoencoderKL, transformers' CLIPTextModel), fp32, same random weights, same inputs.
 
 Two tiny architectures from tests/reference_models.py, loaded from their diffusers-layout folders
-with `diffedit.loading.load_model`:
+with `diffedit.checkpoints.loading.load_model`:
 - "tiny":   SD 1.x style (epsilon, 1x1-conv projections, quick-GELU text encoder, <|endoftext|> pad);
 - "tiny-v": SD 2.x style (v-prediction, linear projections, attention upcast, heads per level,
             GELU text encoder, "!" pad). Like diffusers' SD 2 folders, its text encoder holds
             only the layers SD 2 runs (the penultimate of OpenCLIP's), so its last hidden state,
             after the final LayerNorm, is what SD 2 conditions on.
 
-The bar: relative difference max|ours - ref| / max|ref| < 1e-4 for every output. The full-size
-SD 1.5 / 2.1 versions of these comparisons are in test_full_size.py (slow)."""
+The bar (`compare` of reference_models.py): max|ours - ref| / max|ref| < 1e-4 for every
+output. The full-size SD 1.5 / 2.1 versions of these comparisons are in test_full_size.py (slow)."""
 
 from __future__ import annotations
 
@@ -21,38 +21,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from diffedit.loading import load_model
-from reference_models import build_reference
+from diffedit.checkpoints.loading import load_model
+from reference_models import build_reference, compare
 
-REL_TOL = 1e-4
 ARCHS = ("tiny", "tiny-v")
 PROMPTS = ["a photo of a cat", "", "A Red CAR, parked by the sea!!  at dusk; 1980s film photo",
            "a very long prompt " * 30]  # the last one is truncated to 77 tokens
-
-
-@dataclass(frozen=True)
-class Diff:
-    """How far our output is from the reference: max|a - b| and max|a - b| / max|b|."""
-    name: str
-    max_abs: float
-    max_rel: float
-
-    def __str__(self) -> str:
-        return f"{self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
-
-
-def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = REL_TOL) -> Diff:
-    """Assert same shape and max|ours - ref| / max|ref| < tol; print and return the figures."""
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
-    ours, ref = ours.detach().double(), ref.detach().double()
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    scale = ref.abs().max().item()
-    assert scale > 0, f"{name}: the reference output is all zeros, nothing is compared"
-    max_abs = (ours - ref).abs().max().item()
-    diff = Diff(name, max_abs, max_abs / scale)
-    print(f"[parity] {diff}")
-    assert diff.max_rel < tol, f"{diff} (bar {tol:g})"
-    return diff
 
 
 @dataclass

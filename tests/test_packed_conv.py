@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from diffedit import packed_conv
-from diffedit.packed_conv import PackedConv2d, can_pack, pack_convolutions, unpack_convolutions
+from diffedit.models import packed_conv
+from diffedit.models.packed_conv import PackedConv2d, can_pack, pack_convolutions, unpack_convolutions
 from diffedit.pipeline import DiffEditPipeline
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32), reason="torch built without oneDNN")

@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2D
 from diffusers.pipelines.deprecated.stable_diffusion_diffedit import pipeline_stable_diffusion_diffedit as oracle_module
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffedit.image_io import tensor_to_pil
+from diffedit.io.images import tensor_to_pil
 from diffedit.pipeline import DiffEditPipeline
 from reference_models import build_reference
 

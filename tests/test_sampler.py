@@ -12,7 +12,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_di
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from diffedit.config import SchedulerConfig
+from diffedit.models.config import SchedulerConfig
 from diffedit.errors import ParameterError
 from diffedit.sampler import DDIM, classifier_free_guidance
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from diffedit.errors import ImageInputError, ParameterError, PromptError
-from diffedit.shapes_check import check_edit, check_edits, largest_component, success_rates
-from diffedit.shapes_world import (BACKGROUND_COLOURS, BACKGROUND_KINDS, BACKGROUND_RGB, BORDER, COLOURS,
+from diffedit.shapes.check import check_edit, check_edits, largest_component, success_rates
+from diffedit.shapes.world import (BACKGROUND_COLOURS, BACKGROUND_KINDS, BACKGROUND_RGB, BORDER, COLOURS,
                                    HELDOUT_SEEDS, IMAGE_SIZE, MAX_CAPTION_WORDS, MAX_SIZE, MIN_SIZE,
                                    OBJECT_GAP, OBJECT_RGB, SHAPES, TRAINING_SEEDS, Background, Scene,
                                    SceneObject, caption, heldout_edits, heldout_scenes, make_edit, object_masks,

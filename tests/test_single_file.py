@@ -21,14 +21,14 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffedit.clip import TextEncoder
-from diffedit.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from diffedit.models.clip import TextEncoder
+from diffedit.models.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from diffedit.errors import ModelLoadError
-from diffedit.loading import load_model
-from diffedit.single_file import (NOT_SD, choose_preset, detect_original_architecture, infer_configs,
-                                  parameter_names, split_original_checkpoint, to_original_checkpoint)
-from diffedit.unet import UNet
-from diffedit.vae import AutoencoderKL
+from diffedit.checkpoints.loading import load_model
+from diffedit.checkpoints.architecture import NOT_SD, choose_preset, detect_original_architecture, infer_configs
+from diffedit.checkpoints.single_file import parameter_names, split_original_checkpoint, to_original_checkpoint
+from diffedit.models.unet import UNet
+from diffedit.models.vae import AutoencoderKL
 
 CA, D, CAU, U = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 OPEN_CLIP = "cond_stage_model.model."

@@ -21,7 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffedit import devices, vae as vae_lib
+from diffedit import devices
+from diffedit.models import vae as vae_lib
 from diffedit.errors import ParameterError
 from diffedit.pipeline import DiffEditPipeline
 from reference_models import build_reference

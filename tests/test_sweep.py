@@ -4,11 +4,8 @@ threshold sweep computes its mask once, and every row equals the one-shot pipeli
 same settings (the re-use changes nothing); folder items; torn JSONL lines; config errors; CLI."""
 
 import argparse
-import atexit
 import csv
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,40 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit import metrics as M
+from diffedit.research import metrics as M
 from diffedit.errors import OutputFileError, ParameterError
 from diffedit.pipeline import DiffEditPipeline
-from diffedit.shapes_world import heldout_edits
-from diffedit.sweep import (AXES, RESULTS, SweepConfig, add_arguments, comparable, effective_settings, read_rows, run,
-                            run_sweep)
-from reference_models import build_reference
-
-TINY = {"num_inference_steps": 4, "mask_samples": 2, "guidance_scale": 2.0}
-_MODEL: dict[str, Path] = {}
-
-
-def tiny_model_folder() -> Path:
-    """A random tiny diffusers-layout model, built once per test process (test_figures uses it too)."""
-    if "folder" not in _MODEL:
-        root = Path(tempfile.mkdtemp(prefix="diffedit-sweep-tests-"))
-        atexit.register(shutil.rmtree, root, True)
-        _MODEL["folder"] = build_reference("tiny", root / "tiny", seed=0)[0]
-    return _MODEL["folder"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded 2-core machine extra OpenMP threads
-    make every UNet call ~20x slower (measured: 26 s -> 0.9 s for a 2-run sweep)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from diffedit.shapes.world import heldout_edits
+from diffedit.research.plan import AXES, SweepConfig, comparable, effective_settings
+from diffedit.research.sweep import add_arguments, run, run_sweep
+from diffedit.research.table import RESULTS, read_rows
+from reference_models import TINY
 
 
 @pytest.fixture
-def pipe():
-    return DiffEditPipeline.from_pretrained(tiny_model_folder())
+def pipe(tiny_model_folder):
+    return DiffEditPipeline.from_pretrained(tiny_model_folder)
 
 
 def _count_calls(pipe, name: str) -> list:
@@ -243,9 +219,9 @@ def test_bad_items_are_refused(tmp_path):
         run_sweep({"items": {"benchmark": "coco", "count": 2}}, tmp_path / "out2", pipe=object(), bar=False)
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, tiny_model_folder):
     config = tmp_path / "r.json"
-    config.write_text(json.dumps({"model": str(tiny_model_folder()), "items": {"benchmark": "shapes", "count": 1},
+    config.write_text(json.dumps({"model": str(tiny_model_folder), "items": {"benchmark": "shapes", "count": 1},
                                   "grid": {**TINY, "guidance_scale": 1.0, "strength": 0.5}}))
     parser = argparse.ArgumentParser()
     add_arguments(parser)

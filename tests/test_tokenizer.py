@@ -16,9 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import diffedit.tokenizer as tokenizer_module
+import diffedit.models.tokenizer as tokenizer_module
 from diffedit.errors import ModelLoadError, OutputFileError, ParameterError, PromptError
-from diffedit.tokenizer import Tokenizer, TruncationWarning, train_bpe
+from diffedit.models.tokenizer import Tokenizer, TruncationWarning, train_bpe
 from reference_models import CLIP_BPE, clip_vocab_files
 
 SD1_PAD, SD2_PAD = "<|endoftext|>", "!"

@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention import attention
-from .config import VAEConfig
-from .errors import ParameterError
-from .unet import Downsample, ResnetBlock, Upsample
+from diffedit.errors import ParameterError
+from diffedit.models.attention import attention
+from diffedit.models.blocks import Downsample, ResnetBlock, Upsample
+from diffedit.models.config import VAEConfig
 
 EPS = 1e-6  # GroupNorm epsilon everywhere in the autoencoder
 
@@ -71,30 +71,26 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class EncoderLevel(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, downsample: bool):
+class Level(nn.Module):
+    """One resolution level of the encoder or the decoder: ResNet blocks, then the resampler, a
+    stride-2 conv going down (`downsamplers`) or 2x upsampling going up (`upsamplers`); the last
+    level has none."""
+
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, resample: str | None):
         super().__init__()
+        assert resample in ("down", "up", None), f"resample must be 'down', 'up' or None, not {resample!r}"
         self.resnets = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, EPS)
                                      for i in range(layers))
-        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)]) if downsample else None
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)]) if resample == "down" else None
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if resample == "up" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        return x if self.downsamplers is None else self.downsamplers[0](x)
-
-
-class DecoderLevel(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, EPS)
-                                     for i in range(layers))
-        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+        for resamplers in (self.downsamplers, self.upsamplers):
+            if resamplers is not None:
+                x = resamplers[0](x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -103,7 +99,7 @@ class Encoder(nn.Module):
         widths, groups = c.block_out_channels, c.norm_num_groups
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            EncoderLevel(widths[max(i - 1, 0)], w, c.layers_per_block, groups, i < len(widths) - 1)
+            Level(widths[max(i - 1, 0)], w, c.layers_per_block, groups, "down" if i < len(widths) - 1 else None)
             for i, w in enumerate(widths))
         self.mid_block = MidBlock(widths[-1], groups, c.mid_block_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
@@ -124,7 +120,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(c.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], groups, c.mid_block_attention)
         self.up_blocks = nn.ModuleList(
-            DecoderLevel(widths[max(i - 1, 0)], w, c.layers_per_block + 1, groups, i < len(widths) - 1)
+            Level(widths[max(i - 1, 0)], w, c.layers_per_block + 1, groups, "up" if i < len(widths) - 1 else None)
             for i, w in enumerate(widths))
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
         self.conv_out = nn.Conv2d(widths[-1], c.out_channels, 3, padding=1)

@@ -31,8 +31,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .errors import ImageInputError
-from .shapes_world import IMAGE_SIZE, OBJECT_RGB, SHAPES, Edit, object_mask, shape_mask
+from diffedit.errors import ImageInputError
+from diffedit.shapes.world import (
+    IMAGE_SIZE,
+    OBJECT_RGB,
+    SHAPES,
+    Edit,
+    object_mask,
+    shape_mask,
+)
 
 WINDOW_PAD = 6            # pixels around the object's box
 RING_GAP = 2              # the background ring starts this far outside the box

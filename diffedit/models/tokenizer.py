@@ -32,7 +32,7 @@ import tokenizers
 import torch
 from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers, trainers
 
-from .errors import ModelLoadError, OutputFileError, ParameterError, PromptError
+from diffedit.errors import ModelLoadError, OutputFileError, ParameterError, PromptError
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -40,7 +40,7 @@ END_OF_WORD = "</w>"
 CONTEXT_LENGTH = 77                       # positions of the text encoder: BOS + 75 + EOS
 CLIP_MERGES = 49408 - 2 * 256 - 2         # 48,894 merges used out of OpenAI's list
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"""
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 CLIP_BPE_FILE = WEIGHTS / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 Merges = list[tuple[str, str]]

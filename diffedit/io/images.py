@@ -1,6 +1,6 @@
 """Images in and out: loading that refuses bad files with one clear sentence, the geometry that
-brings an image to the model's multiple-of-8 size and back, mask and panel pictures, and atomic
-file outputs.
+brings an image to the model's multiple-of-8 size and back, and atomic file outputs (masks and
+panels as pictures: pictures.py).
 
 Inputs (`load_image` for paths, `as_pil` for anything) always become RGB PIL images:
   - the file is fully decoded (PNG chunk checksums verified too), so a truncated or corrupt file
@@ -27,20 +27,24 @@ from __future__ import annotations
 import math
 import os
 import stat
-from contextlib import suppress
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageInputError, ParameterError
-from .files import IMAGE_FORMATS, atomic_write, atomic_write_text, image_format  # noqa: F401 (re-exported)
-from .files import _reason
+from diffedit.errors import ImageInputError, ParameterError
+from diffedit.io.files import (  # noqa: F401 (re-exported)
+    IMAGE_FORMATS,
+    _reason,
+    atomic_write,
+    atomic_write_text,
+    image_format,
+)
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -336,78 +340,6 @@ def tensor_to_pil(tensor: torch.Tensor, value_range: tuple[float, float] | None 
     `value_range` ([-1, 1], the model's, by default; None: the auto rule of `as_pil`)."""
     a = _tensor_to_uint8(tensor, value_range)
     return to_rgb(Image.fromarray(a)) if a.ndim == 3 else Image.fromarray(a, "L")
-
-
-# ---------------------------------------------------------------------- masks and panels
-
-
-def mask_to_pil(mask: torch.Tensor | np.ndarray | Image.Image, size: tuple[int, int] | Geometry,
-                threshold: float | None = None) -> Image.Image:
-    """A (h, w) mask or map (latent or pixel resolution; (1, h, w) and (1, 1, h, w) too) as a
-    mode-L image of `size` (width, height; a Geometry means its original size).
-    Values: bool, float in [0, 1], or uint8 0-255 (as a mode-L image). A binary mask (only 0s
-    and 1s) is resized nearest-neighbour; a soft map bilinearly, then thresholded if `threshold`
-    is given. The result is 0-255 (0 or 255 when binary or thresholded)."""
-    width, height = size.original_size if isinstance(size, Geometry) else size
-    if isinstance(mask, Image.Image):
-        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
-    else:
-        m = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask).detach().cpu()
-    while m.dim() > 2 and m.shape[0] == 1:
-        m = m[0]
-    if m.dim() != 2 or m.numel() == 0:
-        raise ParameterError(f"a mask must be (h, w), (1, h, w) or (1, 1, h, w); got shape {tuple(m.shape)}.")
-    m = m.float() / 255.0 if m.dtype == torch.uint8 else m.float()
-    binary = bool(((m == 0) | (m == 1)).all())
-    if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
-        raise ParameterError("mask values must lie in [0, 1] (1 = edit, 0 = keep); normalise the map first.")
-    if binary:
-        m = F.interpolate(m[None, None], size=(height, width), mode="nearest-exact")[0, 0]
-    else:
-        m = F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False,
-                          antialias=True)[0, 0].clamp(0, 1)
-    if threshold is not None:
-        m = (m > threshold).float()
-    return Image.fromarray((m * 255).round().to(torch.uint8).numpy(), "L")
-
-
-def overlay_mask(image: Any, mask: Any, colour: tuple[int, int, int] = (255, 0, 0), alpha: float = 0.5) -> Image.Image:
-    """The image with `colour` blended in where the mask is set (soft masks: in proportion)."""
-    if not 0 <= alpha <= 1:
-        raise ParameterError(f"alpha must lie in [0, 1], got {alpha}.")
-    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
-        raise ParameterError(f"colour must be three values in 0-255, got {colour!r}.")
-    base = to_rgb(image) if isinstance(image, Image.Image) else as_pil(image, min_side=1)
-    m = np.asarray(mask_to_pil(mask, base.size), dtype=np.float32)[..., None] / 255.0 * alpha
-    out = np.asarray(base, dtype=np.float32) * (1 - m) + np.asarray(colour, dtype=np.float32) * m
-    return Image.fromarray(np.rint(out).astype(np.uint8), "RGB")
-
-
-def side_by_side(images: Sequence[Any], labels: Sequence[str] | None = None, gap: int = 8,
-                 background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """A panel of images left to right (e.g. input | mask overlay | edit), `gap` pixels apart,
-    vertically centred, with an optional label under each."""
-    if len(images) == 0:
-        raise ParameterError("side_by_side needs at least one image.")
-    if labels is not None and len(labels) != len(images):
-        raise ParameterError(f"{len(labels)} labels for {len(images)} images; give one label per image.")
-    pictures = [to_rgb(x) if isinstance(x, Image.Image) else as_pil(x, min_side=1) for x in images]
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_height = max(probe.textbbox((0, 0), str(t), font=font)[3] for t in labels) + gap if labels else 0
-    height = max(p.height for p in pictures)
-    width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
-    panel = Image.new("RGB", (width, height + label_height), background)
-    draw = ImageDraw.Draw(panel)
-    x = 0
-    for i, picture in enumerate(pictures):
-        panel.paste(picture, (x, (height - picture.height) // 2))
-        if labels:
-            text_width = draw.textlength(str(labels[i]), font=font)
-            draw.text((x + max(0, (picture.width - text_width) / 2), height + gap // 2), str(labels[i]),
-                      fill=(0, 0, 0), font=font)
-        x += picture.width + gap
-    return panel
 
 
 # ---------------------------------------------------------------------- atomic outputs

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +15,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import metrics as M
-from .errors import ParameterError
-from .image_io import load_image
-from .method import BLENDS
+from diffedit.errors import ParameterError
+from diffedit.io.images import load_image
+from diffedit.research import metrics as M
+from diffedit.settings import ABLATIONS, DEFAULT, check
 
-AXES: dict[str, Any] = {          # canonical run order: the first axes vary slowest
-    "num_inference_steps": 50, "seed": 0, "mask_samples": 10, "mask_noise_strength": 0.5,
-    "threshold": 0.5, "strength": 0.8, "guidance_scale": 7.5, "blend": "paper", "ablation": "none"}
-ABLATIONS = {"none": (True, True), "no_mask": (True, False), "no_encode": (False, True), "sdedit": (False, False)}
+AXES: dict[str, Any] = {name: DEFAULT[name] for name in (   # canonical run order: the first axes vary slowest
+    "num_inference_steps", "seed", "mask_samples", "mask_noise_strength", "threshold", "strength",
+    "guidance_scale", "blend", "ablation")}
 MASK_AXES = ("mask_samples", "mask_noise_strength", "threshold", "blend")   # ignored without a mask
 CONFIG_KEYS = ("model", "device", "dtype", "resolution", "items", "grid", "metrics", "save_images")
 IDENTITY_KEYS = ("model", "dtype", "resolution", "items", "metrics")        # must match to resume
@@ -36,7 +34,7 @@ RUN_DEPENDENT = ("time_", "cache_")                                        # col
 @dataclass
 class SweepConfig:
     items: dict
-    grid: dict[str, list]
+    grid: dict[str, list] | list[dict[str, list]]   # axis -> values; a list of such grids runs their union
     model: str | None = None
     device: str = "cpu"
     dtype: str = "fp32"
@@ -66,29 +64,28 @@ class SweepConfig:
             raise ParameterError('the sweep config needs "items": {"benchmark": "shapes", "count": N} or '
                                  '{"folder": DIR}.')
         grid = config.get("grid") or {}
-        if not isinstance(grid, dict):
-            raise ParameterError('"grid" must be an object mapping axis names to a value or a list of values.')
-        bad = sorted(set(grid) - set(AXES))
-        if bad:
-            raise ParameterError(f"unknown grid axes {bad}; use {', '.join(AXES)}.")
-        values = {a: _as_list(grid.get(a, default), a) for a, default in AXES.items()}
-        cfg = cls(items=config["items"], grid=values, model=config.get("model"),
+        grids = [_grid(g) for g in grid] if isinstance(grid, list) and grid else _grid(grid)
+        cfg = cls(items=config["items"], grid=grids, model=config.get("model"),
                   device=config.get("device", "cpu"), dtype=config.get("dtype", "fp32"),
                   resolution=config.get("resolution"), metrics=config.get("metrics") or {},
                   save_images=bool(config.get("save_images", True)))
         cfg.validate()
         return cfg
 
+    @property
+    def grids(self) -> list[dict[str, list]]:
+        """The grid as a list of grids (one, unless the config gave a list)."""
+        return self.grid if isinstance(self.grid, list) else [self.grid]
+
     def validate(self) -> None:
-        for axis, (ok, wanted) in AXIS_CHECKS.items():
-            for v in self.grid[axis]:
-                if not ok(v):
-                    raise ParameterError(f"grid axis {axis!r}: {v!r} is not {wanted}; fix the config.")
-        g = self.grid
-        for steps, r in itertools.product(g["num_inference_steps"], g["strength"]):
-            if int(steps * r) < 1:
-                raise ParameterError(f"strength {r} leaves no step out of {steps} (int(steps * r) = 0); "
-                                     "raise the strength or the number of steps.")
+        for g in self.grids:
+            for axis, values in g.items():
+                for v in values:
+                    check(axis, v, f"the grid axis {axis!r}")
+            for steps, r in itertools.product(g["num_inference_steps"], g["strength"]):
+                if int(steps * r) < 1:
+                    raise ParameterError(f"strength {r} leaves no step out of {steps} (int(steps * r) = 0); "
+                                         "raise the strength or the number of steps.")
         if not isinstance(self.metrics, dict) or not all(isinstance(v, dict) and {"factory", "weights"} <= set(v)
                                                          for v in self.metrics.values()):
             raise ParameterError('"metrics" must map names to {"factory": "module:function", "weights": PATH}.')
@@ -98,6 +95,17 @@ class SweepConfig:
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in CONFIG_KEYS}
+
+
+def _grid(grid) -> dict[str, list]:
+    """One grid of a config: every axis of AXES with its list of values (the default if absent)."""
+    if not isinstance(grid, dict):
+        raise ParameterError('"grid" must be an object mapping axis names to a value or a list of values '
+                             '(or a list of such objects, whose union is run).')
+    bad = sorted(set(grid) - set(AXES))
+    if bad:
+        raise ParameterError(f"unknown grid axes {bad}; use {', '.join(AXES)}.")
+    return {a: _as_list(grid.get(a, default), a) for a, default in AXES.items()}
 
 
 def _as_list(value, axis: str) -> list:
@@ -111,23 +119,6 @@ def _as_list(value, axis: str) -> list:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-AXIS_CHECKS = {
-    "num_inference_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "mask_samples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "mask_noise_strength": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
-    "threshold": (lambda v: _is_num(v) and 0 <= v <= 1, "in [0, 1]"),
-    "strength": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
-    "guidance_scale": (lambda v: _is_num(v) and v >= 0, ">= 0"),
-    "blend": (lambda v: v in BLENDS, f"one of {', '.join(BLENDS)}"),
-    "ablation": (lambda v: v in ABLATIONS, f"one of {', '.join(ABLATIONS)}"),
-}
 
 
 # ---------------------------------------------------------------------- items
@@ -147,7 +138,7 @@ def load_items(spec: dict) -> list[Item]:
     if isinstance(spec, dict) and spec.get("benchmark") is not None:
         if spec["benchmark"] != "shapes" or not _is_int(spec.get("count")) or spec["count"] < 1:
             raise ParameterError('benchmark items read {"benchmark": "shapes", "count": N} with N >= 1.')
-        from .shapes_world import heldout_edits
+        from diffedit.shapes.world import heldout_edits
         return [Item(f"shapes-{i:03d}", Image.fromarray(e.source_image), e.source_caption, e.target_caption,
                      e.edit_mask, e) for i, e in enumerate(heldout_edits(spec["count"]))]
     if isinstance(spec, dict) and spec.get("folder") is not None:
@@ -202,10 +193,11 @@ class Run:
 
 
 def plan_runs(cfg: SweepConfig, items: list[Item]) -> list[Run]:
-    """Every (item, grid point), items outermost, then the axes in AXES order."""
+    """Every (item, grid point), items outermost, then the grids in order, then the axes in AXES
+    order; a point that two grids share is run once."""
     names = list(AXES)
-    return [Run(i, item.id, tuple(zip(names, combo)))
-            for i, item in enumerate(items) for combo in itertools.product(*(cfg.grid[a] for a in names))]
+    points = list(dict.fromkeys(combo for g in cfg.grids for combo in itertools.product(*(g[a] for a in names))))
+    return [Run(i, item.id, tuple(zip(names, combo))) for i, item in enumerate(items) for combo in points]
 
 
 def effective_settings(s: dict) -> dict:

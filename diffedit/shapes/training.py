@@ -1,7 +1,7 @@
 """Training the embedded model: a tiny Stable Diffusion (same classes as SD 1.x, small configs)
 on the synthetic shapes world (shapes_world.py), from nothing, on a laptop CPU.
 
-    python -m diffedit.training --out weights/shapes-64 [--seed 0] [--quick]
+    python -m diffedit.shapes.training --out weights/shapes-64 [--seed 0] [--quick]
 
 Four stages, as SD itself was built (Rombach et al. 2022), each logged:
   1. tokenizer   a CLIP-style byte-level BPE learnt on the captions (tokenizer.train_bpe)
@@ -33,14 +33,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes_world as world
-from .clip import TextEncoder
-from .config import PRESETS, ModelConfig, TextEncoderConfig, TokenizerConfig, UNetConfig, VAEConfig
-from .export import save_pretrained
-from .sampler import DDIM
-from .tokenizer import Tokenizer, train_bpe
-from .unet import UNet
-from .vae import AutoencoderKL
+from diffedit.checkpoints.export import save_pretrained
+from diffedit.models.clip import TextEncoder
+from diffedit.models.config import (
+    PRESETS,
+    ModelConfig,
+    TextEncoderConfig,
+    TokenizerConfig,
+    UNetConfig,
+    VAEConfig,
+)
+from diffedit.models.tokenizer import Tokenizer, train_bpe
+from diffedit.models.unet import UNet
+from diffedit.models.vae import AutoencoderKL
+from diffedit.sampler import DDIM
+from diffedit.shapes import world as world
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class TrainConfig:
     warmup: int = 100              # linear warm-up steps, then cosine decay to 10 % of the peak
     uncond_prob: float = 0.1       # probability of training on the empty caption (for CFG)
     ema_decay: float = 0.999       # EMA of the UNet/text weights (what gets saved)
-    bf16: bool = False             # bf16 autocast (measured 15-20x SLOWER than fp32 for training on this CPU)
+    bf16: bool = False             # bf16 autocast (much slower than fp32 for training on CPUs without native bf16)
     log_every: int = 50            # steps between log lines
 
 
@@ -257,8 +264,8 @@ def model_card(tc: TrainConfig, n_params: int, log: Logger) -> str:
 
 A {n_params / 1e6:.1f} M-parameter latent diffusion model with Stable Diffusion 1.x's architecture
 (CLIP text transformer, KL autoencoder, cross-attention UNet, SD's noise schedule) at a tiny size,
-trained from scratch by `python -m diffedit.training` (diffedit/training.py) on the synthetic
-shapes world of diffedit/shapes_world.py: 64 x 64 images of one to three circles, squares and
+trained from scratch by `python -m diffedit.shapes.training` (diffedit/shapes/training.py) on the synthetic
+shapes world of diffedit/shapes/world.py: 64 x 64 images of one to three circles, squares and
 triangles in six colours on plain or textured backgrounds, with captions such as
 "a red circle and a blue square on a striped gray background".
 
@@ -279,7 +286,7 @@ License: MIT, like the repository.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffedit.training", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffedit.shapes.training", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="destination folder (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unet-steps", type=int, default=None)

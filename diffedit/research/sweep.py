@@ -28,7 +28,7 @@ Every run is reproducible alone: the image of a row equals
 pipe(image, source, target, strength=r, ..., generator=torch.Generator().manual_seed(seed)).
 
 Outputs in the sweep folder: results.jsonl and results.csv (per run: the settings, item,
-mask_timestep, unet_samples, the metrics of diffedit.metrics that are defined for it -- bg_psnr_gt,
+mask_timestep, unet_samples, the metrics of diffedit.research.metrics that are defined for it -- bg_psnr_gt,
 bg_ssim_gt, gt_mask_area with a ground-truth mask; bg_psnr_mask, bg_ssim_mask, mask_area with a
 predicted mask; mask_iou with both; success, colour_ok, shape_ok on the shapes benchmark; user
 metrics -- the image and mask_file paths, time_*_s and cache_*), sweep.json (the config),
@@ -43,13 +43,10 @@ happened in; every other column is a function of the settings alone.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,119 +56,36 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import metrics as M
-from .errors import OutputFileError, ParameterError
-from .image_io import atomic_write, atomic_write_text, mask_to_pil, save_image
-from .sweep_plan import (ABLATIONS, IDENTITY_KEYS, Item, Run, SweepConfig, effective_settings, load_items,
-                         plan_runs)
-from .sweep_plan import AXES, comparable  # noqa: F401  (re-exported: figures and users import them from here)
-
-RESULTS, CSV_NAME, CONFIG_NAME, ITEMS_NAME = "results.jsonl", "results.csv", "sweep.json", "items.json"
+from diffedit.errors import OutputFileError
+from diffedit.io.files import atomic_write, atomic_write_text
+from diffedit.io.images import save_image
+from diffedit.io.pictures import mask_to_pil
+from diffedit.io.progress import progress_bar
+from diffedit.research import metrics as M
+from diffedit.research.plan import (
+    Item,
+    Run,
+    SweepConfig,
+    effective_settings,
+    load_items,
+    plan_runs,
+)
+from diffedit.research.table import (
+    CSV_NAME,
+    ITEMS_NAME,
+    RESULTS,
+    append_row,
+    check_config,
+    read_rows,
+    write_csv,
+)
+from diffedit.results import Inversion
+from diffedit.settings import ABLATIONS
 
 
 def _digest(obj) -> str:
     """A short stable name for a JSON-able value (edit images are stored under it)."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------- results files
-
-def read_rows(out_dir: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """The rows of results.jsonl. A torn last line (no newline, or not JSON) is ignored, and
-    removed from the file when `repair`."""
-    path = Path(out_dir) / RESULTS
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows, torn = [], False
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        last = n == len(lines) - 1   # a complete line is followed by "\n", so the last piece is torn
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if row is None or last:
-            if not last:
-                raise ParameterError(f"line {n + 1} of {path} is not JSON; delete that line and resume.")
-            torn = True
-            continue
-        rows.append(row)
-    if torn and repair:
-        atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows), overwrite=True)
-    return rows
-
-
-def append_row(out_dir: Path, row: dict) -> None:
-    """Append one complete line (a single write, flushed and fsynced)."""
-    line = json.dumps(row, allow_nan=False) + "\n"
-    with open(out_dir / RESULTS, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_csv(out_dir: Path) -> Path:
-    """results.csv rebuilt from results.jsonl (columns: union of keys in order of appearance)."""
-    rows = read_rows(out_dir)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(out_dir / CSV_NAME, buffer.getvalue(), overwrite=True)
-
-
-def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
-    """A folder holds one sweep: resuming with another model or item set would mix tables."""
-    path = out_dir / CONFIG_NAME
-    if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        differs = [k for k in IDENTITY_KEYS if json.dumps(stored.get(k), sort_keys=True, default=str)
-                  != json.dumps(cfg.identity()[k], sort_keys=True, default=str)]
-        if differs and (out_dir / RESULTS).is_file():
-            raise OutputFileError(f"{out_dir} holds a sweep with another {', '.join(differs)}; choose another output "
-                                  "folder (only the grid may change when resuming).")
-    atomic_write_text(path, json.dumps(cfg.as_dict(), indent=2, default=str) + "\n", overwrite=True)
-
-
-# ---------------------------------------------------------------------- progress
-
-class ProgressBar:
-    """A one-line progress bar on stderr (a line per update, at most every 2 s, when not a terminal)."""
-
-    def __init__(self, total: int, done: int = 0, stream=None, enabled: bool = True):
-        self.total, self.done, self.start_done = total, done, done
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = self.last = time.perf_counter()
-        self.draw(force=True)
-
-    def update(self, done: int) -> None:
-        self.done = done
-        self.draw(force=done == self.total)
-
-    def draw(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not self.tty and not force and now - self.last < 2.0):
-            return
-        self.last = now
-        ran = self.done - self.start_done
-        rate = (now - self.t0) / ran if ran else None
-        eta = f" eta {rate * (self.total - self.done):.0f}s" if rate else ""
-        filled = int(30 * self.done / max(self.total, 1))
-        text = f"sweep {self.done}/{self.total} [{'#' * filled}{'.' * (30 - filled)}]" + \
-               (f" {rate:.2f}s/run" if rate else "") + eta
-        self.stream.write(("\r" + text) if self.tty else text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # ---------------------------------------------------------------------- the work
@@ -214,7 +128,7 @@ def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputFileError(f"cannot create the sweep folder {out} ({e.strerror}); choose another --out.") from None
-    _check_config(out, cfg)
+    check_config(out, cfg)
     items = load_items(cfg.items)
     extra = M.registered_metrics()
     extra.update({n: M.load_metric(n, s["factory"], s["weights"]) for n, s in cfg.metrics.items()})
@@ -222,11 +136,11 @@ def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable 
     finished = {r.get("key") for r in read_rows(out, repair=True)}
     todo = [r for r in runs if r.key not in finished]
     if pipe is None and todo:
-        from .pipeline import DiffEditPipeline
+        from diffedit.pipeline import DiffEditPipeline
         pipe = DiffEditPipeline.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
     _write_items(out, items, cfg.save_images)
     done = len(runs) - len(todo)
-    meter = ProgressBar(len(runs), done, enabled=bar)
+    meter = progress_bar(len(runs), "runs", initial=done, enabled=bar, description="sweep")
     try:
         for index, group in itertools.groupby(todo, key=lambda r: r.item):
             group = list(group)
@@ -240,7 +154,7 @@ def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable 
                 row = _execute(pipe, cfg, items[index], r, state, out, extra)
                 append_row(out, row)
                 done += 1
-                meter.update(done)
+                meter.update(1)
                 if progress is not None:
                     progress(done, len(runs), row)
     finally:
@@ -292,7 +206,7 @@ def _execute(pipe, cfg: SweepConfig, item: Item, run: Run, state: _ItemState, ou
         generator = torch.Generator().manual_seed(s["seed"])
         if mask is not None:
             generator.set_state(mask.generator_state)
-        inversion = _no_inversion(encoded, steps, r)
+        inversion = Inversion.unencoded(encoded, steps, r)
     else:
         inversion, fresh = _inversion(pipe, encoded, steps, state)
         timing.update(time_inversion_s=inversion[1] if fresh else 0.0, cache_inversion=not fresh)
@@ -313,10 +227,11 @@ def _execute(pipe, cfg: SweepConfig, item: Item, run: Run, state: _ItemState, ou
     target_image = Image.fromarray(item.edit.target_image) if item.edit is not None else None
     fields.update(M.edit_metrics(edited, item.image, item.gt_mask, pixel_mask, extra, item.source, item.target,
                                  target_image))
-    if item.edit is not None:
-        from .shapes_check import check_edit
+    if item.edit is not None:   # the shapes world: the edit checked against its ground truth
+        from diffedit.shapes.check import check_edit
         check = check_edit(edited, item.edit)
-        fields.update(success=check.success, colour_ok=check.colour_ok, shape_ok=check.shape_ok)
+        fields.update(success=check.success, colour_ok=check.colour_ok, shape_ok=check.shape_ok,
+                      bg_psnr_scene=M.psnr(edited, item.image, ~item.edit.background_mask))
     timing["time_metrics_s"] = time.perf_counter() - t0
     if cfg.save_images:
         path = out / "images" / item.id / f"{effective}.png"
@@ -363,13 +278,6 @@ def _inversion(pipe, encoded, steps: int, state: _ItemState):
     return state.inversions[steps], True
 
 
-def _no_inversion(encoded, steps: int, r: float):
-    """An empty Inversion for the "w/o encoding" ablations (edit only reads its encoded image)."""
-    from .results import Inversion
-    return Inversion(latents=encoded.latents[:, None], timesteps=[], num_inference_steps=steps, strength=r,
-                     prompt=[""] * encoded.latents.shape[0], guidance_scale=1.0, negative_prompt=None, encoded=encoded)
-
-
 # ---------------------------------------------------------------------- command line
 
 def add_arguments(parser) -> None:
@@ -396,7 +304,7 @@ def run(args) -> int:
     print(f"{len(result.rows)} rows ({result.ran} run now, {result.skipped} already done) in {out / RESULTS} "
           f"and {out / CSV_NAME}")
     if args.figures:
-        from .figures import sweep_figures
+        from diffedit.research.figures import sweep_figures
         for path in sweep_figures(out):
             print(f"figure: {path}")
     return 0

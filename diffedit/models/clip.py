@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
-from .config import TextEncoderConfig
+from diffedit.models.attention import attention
+from diffedit.models.config import TextEncoderConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

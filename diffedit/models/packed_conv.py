@@ -4,26 +4,22 @@ torch's CPU convolution hands oneDNN a weight in the plain (out, in, kh, kw) lay
 reorders it into its blocked layout on every call: the whole weight is read and written once more
 per call. Where the arithmetic is small against the weight -- SD's 1280-channel convolutions on
 8x8 and 4x4 latents, i.e. the two lowest UNet levels of a 256-px edit -- that reorder is most of
-the call. Measured on this 2-core AVX2 CPU, batch 2, fp32 (ms per call, plain -> packed):
-
-    1280 -> 1280 at 4x4     46.7 -> 8.2        1280 -> 1280 at 8x8    68.5 -> 22.3
-     320 ->  320 at 32x32   34.5 -> 26.3       a whole SD 1.5 UNet at 32x32 latents: 2.11 -> 1.6 s/sample
+the call.
 
 `PackedConv2d` stores the weight once, in the layout oneDNN picks for the shape of the input it
-sees (the layout depends on that shape: packing for the wrong one was measured up to 15x slower
-than plain). So it packs on its first call and re-packs, from the packed weight itself, when the
-input shape changes. Re-packing every weight costs about 4 s for SD 1.5, more than a UNet call,
-and an edit changes batch twice (mask and decoding at batch 2, inversion at batch 1). The big
-weights (>= REPACK_BYTES: the 1280- and 640-channel convolutions of the low levels) were measured
-insensitive to the batch size (within 10 % at batch 1, 2 and 8), the small ones up to 4x
-sensitive; so big weights are re-packed only when the image size changes, small ones (a tenth of
-the bytes) at every shape change. The parameter count, `state_dict()` keys and values (plain
-layout) are those of `nn.Conv2d`; the results differ from the plain convolution by rounding only
-(another summation order: about 4e-6 relative on a whole UNet).
+sees (the layout depends on that shape: a weight packed for another shape can be slower than
+plain). So it packs on its first call and re-packs, from the packed weight itself, when the
+input shape changes. Re-packing every weight costs more than a UNet call, and an edit changes
+batch twice (mask and decoding at batch 2, inversion at batch 1). The big weights (>= REPACK_BYTES:
+the 1280- and 640-channel convolutions of the low levels) run about as fast whatever batch size
+their layout was picked for, the small ones do not; so big weights are re-packed only when the
+image size changes, small ones (a tenth of the bytes) at every shape change. The parameter count,
+`state_dict()` keys and values (plain layout) are those of `nn.Conv2d`; the results differ from
+the plain convolution by rounding only (another summation order).
 
-1x1 convolutions are left alone: packing never helped them here and sometimes made them 20x
-slower. When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed
-op has no backward).
+1x1 convolutions are left alone: packing did not help them and sometimes made them much slower.
+When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed op has no
+backward).
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import devices
+from diffedit import devices
 
 REPACK_BYTES = 16 * 2**20  # weights this big keep their layout across batch sizes (see above)
 

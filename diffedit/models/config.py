@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import ModelLoadError
+from diffedit.errors import ModelLoadError
 
 
 @dataclass(frozen=True)

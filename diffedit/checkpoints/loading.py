@@ -15,15 +15,28 @@ from pathlib import Path
 
 import torch
 
-from .clip import TextEncoder
-from .config import (ModelConfig, SchedulerConfig, TextEncoderConfig, TokenizerConfig, UNetConfig,
-                     VAEConfig)
-from .errors import ModelLoadError
-from .model_io import (build_module, read_component, read_json, read_state_dict, rename_state_dict,
-                       rename_text_encoder_key, rename_unet_key, rename_vae_key)
-from .tokenizer import Tokenizer
-from .unet import UNet
-from .vae import AutoencoderKL
+from diffedit.checkpoints.model_io import (
+    build_module,
+    read_component,
+    read_json,
+    read_state_dict,
+    rename_state_dict,
+    rename_text_encoder_key,
+    rename_vae_key,
+)
+from diffedit.errors import ModelLoadError
+from diffedit.models.clip import TextEncoder
+from diffedit.models.config import (
+    ModelConfig,
+    SchedulerConfig,
+    TextEncoderConfig,
+    TokenizerConfig,
+    UNetConfig,
+    VAEConfig,
+)
+from diffedit.models.tokenizer import Tokenizer
+from diffedit.models.unet import UNet
+from diffedit.models.vae import AutoencoderKL
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -81,7 +94,7 @@ def _load_folder(folder: Path, device, dtype, variant, source: str) -> StableDif
     weights = {
         "text_encoder": rename_state_dict(read_component(folder / "text_encoder", variant), rename_text_encoder_key),
         "vae": rename_state_dict(read_component(folder / "vae", variant), rename_vae_key),
-        "unet": rename_state_dict(read_component(folder / "unet", variant), rename_unet_key),
+        "unet": read_component(folder / "unet", variant),
     }
     return _assemble(config, tokenizer, weights, device, dtype, source)
 
@@ -91,7 +104,12 @@ def _load_single_file(path: Path, device, dtype, preset: str | None, source: str
     """An original-layout file: detect what it is (refusing SDXL, inpainting, ...), choose the
     preset (SD 2 needs `preset` or a `prediction_type` hint), check the file's shapes against it,
     then rename/split into our three models' state dicts (views of the file's tensors, no copies)."""
-    from .single_file import choose_preset, detect_original_architecture, infer_configs, split_original_checkpoint
+    from diffedit.checkpoints.architecture import (
+        choose_preset,
+        detect_original_architecture,
+        infer_configs,
+    )
+    from diffedit.checkpoints.single_file import split_original_checkpoint
     state_dict = read_state_dict(path)
     preset = choose_preset(detect_original_architecture(state_dict), preset, prediction_type)
     config = infer_configs(state_dict, preset)

@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import ParameterError
-from .image_io import mask_to_pil
+from diffedit.errors import ParameterError
+from diffedit.io.pictures import mask_to_pil
 
 PSNR_CAP = 100.0          # dB reported when the images agree exactly (MSE = 0) or better than this
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 BUILTIN_METRICS = ("bg_psnr_gt", "bg_ssim_gt", "bg_psnr_mask", "bg_ssim_mask", "mask_iou", "mask_area",
-                   "gt_mask_area", "success", "colour_ok", "shape_ok")
+                   "gt_mask_area", "success", "colour_ok", "shape_ok", "bg_psnr_scene")
 
 
 # ---------------------------------------------------------------------- inputs

@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import DiffEditError, ParameterError
-from .image_io import atomic_write, mask_to_pil, overlay_mask
-from .sweep import AXES, ITEMS_NAME, read_rows
+from diffedit.errors import DiffEditError, ParameterError
+from diffedit.io.images import atomic_write
+from diffedit.io.pictures import mask_to_pil, overlay_mask
+from diffedit.research.plan import AXES
+from diffedit.research.table import ITEMS_NAME, read_rows
 
 DPI = 100
 HEADER = 20          # pixels above the first row of panels, for the column titles
@@ -239,7 +241,7 @@ def difference_maps(source: Any, out=None, item: str | None = None, where: dict 
 
 def _mask_arrays(source, item, where, threshold, image, index):
     """(per_sample (n, h, w), difference, soft, threshold, input image or None, default out path or None)."""
-    from .results import MaskResult
+    from diffedit.results import MaskResult
     if isinstance(source, MaskResult):
         inputs = source.encoded.inputs if source.encoded is not None else None
         picture = image if image is not None else (inputs[index] if inputs else None)

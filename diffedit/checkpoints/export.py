@@ -22,12 +22,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .clip import TextEncoder
-from .config import ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from .errors import OutputFileError
-from .tokenizer import Tokenizer
-from .unet import UNet
-from .vae import AutoencoderKL
+from diffedit.checkpoints.model_io import (
+    rename_state_dict,
+    text_encoder_key_to_transformers,
+)
+from diffedit.errors import OutputFileError
+from diffedit.models.clip import TextEncoder
+from diffedit.models.config import (
+    ModelConfig,
+    SchedulerConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+)
+from diffedit.models.tokenizer import Tokenizer
+from diffedit.models.unet import UNet
+from diffedit.models.vae import AutoencoderKL
+
+MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
 def text_encoder_dict(c: TextEncoderConfig, tokenizer: Tokenizer) -> dict:
@@ -69,13 +83,9 @@ def scheduler_dict(c: SchedulerConfig) -> dict:
     return d
 
 
-def _tensors(module: torch.nn.Module, prefix_rule=lambda k: k) -> dict[str, torch.Tensor]:
-    return {prefix_rule(k): v.detach().to(torch.float32).contiguous().cpu() for k, v in module.state_dict().items()}
-
-
-def text_encoder_key_to_transformers(key: str) -> str:
-    """Ours -> transformers' CLIPTextModel (the inverse of model_io.rename_text_encoder_key)."""
-    return "text_model." + ("encoder." + key if key.startswith("layers.") else key)
+def _fp32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous fp32 CPU copies, the form the safetensors files are written in."""
+    return {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state_dict.items()}
 
 
 def save_pretrained(folder: str | Path, config: ModelConfig, tokenizer: Tokenizer, text_encoder: TextEncoder,
@@ -92,16 +102,14 @@ def save_pretrained(folder: str | Path, config: ModelConfig, tokenizer: Tokenize
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             (staging / rel).write_text(json.dumps(d, indent=2) + "\n")
 
-        write_json("model_index.json", {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
-                                        "text_encoder": ["transformers", "CLIPTextModel"],
-                                        "tokenizer": ["transformers", "CLIPTokenizer"],
-                                        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+        write_json("model_index.json", MODEL_INDEX)
         write_json("text_encoder/config.json", text_encoder_dict(config.text_encoder, tokenizer))
-        save_file(_tensors(text_encoder, text_encoder_key_to_transformers), staging / "text_encoder/model.safetensors")
+        save_file(_fp32(rename_state_dict(text_encoder.state_dict(), text_encoder_key_to_transformers)),
+                  staging / "text_encoder/model.safetensors")
         write_json("vae/config.json", vae_dict(config.vae, config.resolution))
-        save_file(_tensors(vae), staging / "vae/diffusion_pytorch_model.safetensors")
+        save_file(_fp32(vae.state_dict()), staging / "vae/diffusion_pytorch_model.safetensors")
         write_json("unet/config.json", unet_dict(config.unet))
-        save_file(_tensors(unet), staging / "unet/diffusion_pytorch_model.safetensors")
+        save_file(_fp32(unet.state_dict()), staging / "unet/diffusion_pytorch_model.safetensors")
         write_json("scheduler/scheduler_config.json", scheduler_dict(config.scheduler))
         tokenizer.save(staging / "tokenizer")
         for rel, text in (extra_files or {}).items():

@@ -7,7 +7,8 @@
   the weights are never held twice.
 - Strict: every checkpoint tensor consumed, every parameter filled, every shape right, or one
   error that lists what is missing, unexpected or of the wrong shape.
-- Renames are small pure functions of one key (diffusers/transformers layout -> ours).
+- Renames are small pure functions of one key (diffusers/transformers layout -> ours); the
+  UNet's names are diffusers' own and need none.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import ModelLoadError, UnsafeCheckpointError
+from diffedit.errors import ModelLoadError, UnsafeCheckpointError
 
 StateDict = dict  # key -> torch.Tensor, or LazyTensor (safetensors, read on load)
 
@@ -37,6 +38,12 @@ def rename_text_encoder_key(key: str) -> str | None:
     return re.sub(r"^(text_model\.)?(encoder\.)?", "", key)
 
 
+def text_encoder_key_to_transformers(key: str) -> str:
+    """Ours -> transformers' CLIPTextModel (the inverse of `rename_text_encoder_key`), the names of
+    a diffusers folder's text encoder and of an SD 1.x single file's (under its prefix)."""
+    return "text_model." + re.sub(r"^layers\.", "encoder.layers.", key)
+
+
 _VAE_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -44,10 +51,6 @@ def rename_vae_key(key: str) -> str:
     """Old diffusers VAE attention names (query/key/value/proj_attn) -> to_q/to_k/to_v/to_out.0."""
     m = re.match(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$", key)
     return f"{m[1]}{_VAE_LEGACY_ATTENTION[m[2]]}.{m[3]}" if m else key
-
-
-def rename_unet_key(key: str) -> str:
-    return key
 
 
 def rename_state_dict(state_dict: StateDict, rename: Callable[[str], str | None]) -> StateDict:

@@ -1,0 +1,44 @@
+"""The one attention function every model in diffedit calls.
+
+softmax(q k^T * scale) v over heads, with q, k, v given as (batch, tokens, heads * head_dim).
+On CPU (and wherever the Triton kernel cannot serve) it is torch's
+`scaled_dot_product_attention`; on CUDA with Triton installed it is the fused kernel of
+`diffedit.kernels.attention`. The backend is chosen per call by `diffedit.devices.choose_kernel`:
+the one given to `set_attention_backend`, else the environment variable DIFFEDIT_ATTENTION,
+"auto" (default, Triton for CUDA tensors when it is installed), "torch" or "triton" (raises on
+tensors or shapes the kernel cannot serve instead of silently falling back).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from diffedit.devices import choose_kernel, kernel_backend
+
+_backend_override: str | None = None
+
+
+def set_attention_backend(backend: str | None) -> None:
+    """Force the attention backend for the whole process ("auto", "torch", "triton"), or None to
+    follow the DIFFEDIT_ATTENTION environment variable again."""
+    global _backend_override
+    _backend_override = None if backend is None else kernel_backend("attention", backend)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False,
+              causal: bool = False) -> torch.Tensor:
+    """Multi-head attention. q: (B, Nq, heads*d), k and v: (B, Nk, heads*d) -> (B, Nq, heads*d).
+
+    `upcast` computes in fp32 and casts back (SD 2's `upcast_attention`); in fp32 it changes nothing.
+    `causal` (the text encoder's mask) is always served by torch: 77 tokens, nothing to fuse."""
+    kernel = None if causal else choose_kernel("attention", (q, k, v, heads), _backend_override)
+    if kernel is not None:
+        return kernel.attention(q, k, v, heads=heads, upcast=upcast)
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return rearrange(out, "b h n d -> b n (h d)").to(dtype)

@@ -1,0 +1,1 @@
+"""Research tools on top of the pipeline: sweeps (the engine), their plan, metrics, figures."""
