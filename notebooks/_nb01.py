@@ -21,7 +21,7 @@ CELLS = [
        latents back outside the mask.
 
     This notebook opens each step on one image of the synthetic *shapes world*
-    (`diffedit/shapes_world.py`), with the small SD-architecture model embedded in the repository
+    (`diffedit/shapes/world.py`), with the small SD-architecture model embedded in the repository
     (`weights/shapes-64`: 64 x 64 images, 4 x 16 x 16 latents). Every pixel of that world is known,
     so the mask and the edit can be compared with the truth. It runs in about a minute on a CPU.
     """),

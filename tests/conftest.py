@@ -26,8 +26,8 @@ def _threads_for_model_size(request):
 
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory) -> Path:
-    """The random "tiny" reference model in diffusers layout, built once per test session (the same
-    folder test_cli.py builds; model_index.json is written last)."""
+    """The random "tiny" reference model in diffusers layout, built once per test session
+    (model_index.json is written last: a folder without it is incomplete and is built again)."""
     folder = tmp_path_factory.getbasetemp() / "tiny-random-model"
     if not (folder / "model_index.json").is_file():
         build_reference("tiny", folder, seed=0)

@@ -7,11 +7,16 @@ Shared pytest fixtures are in conftest.py."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from diffedit.models.config import PRESETS
 
@@ -157,3 +162,67 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = REL_T
     print(f"[parity] {diff}")
     assert diff.max_rel < tol, f"{diff} (bar {tol:g})"
     return diff
+
+
+# ---------------------------------------------------------------------- command-line test helpers
+# Shared by test_cli.py and test_misuse.py (the tiny model they run on is conftest.py's
+# `tiny_model_folder` fixture).
+
+def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A w x h RGB picture of uniform noise, the same for the same seed."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under folder: (size, mtime_ns, sha256), to prove what did or did not change."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def run_cli(argv: list, capsys) -> tuple[int, str, list[str]]:
+    """diffedit's main() in this process: (exit status, stdout, stderr lines)."""
+    # imported when a test runs it, not when conftest.py imports this module
+    from diffedit import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # only --help exits
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err.splitlines()
+
+
+def assert_png(path: Path, size: tuple[int, int] | None = None, mode: str | None = None) -> Image.Image:
+    """A complete, valid PNG of this size (verify() checks every chunk's CRC, load() every pixel)."""
+    with Image.open(path) as probe:
+        assert probe.format == "PNG"
+        probe.verify()
+    image = Image.open(path)
+    image.load()
+    if size is not None:
+        assert image.size == size
+    if mode is not None:
+        assert image.mode == mode
+    return image
+
+
+def fake_hub_cache(hf_home: Path, repo_id: str, model: Path) -> Path:
+    """The layout huggingface_hub writes: hub/models--org--name/{blobs/<sha256>, refs/main,
+    snapshots/<commit>/<path> -> ../../blobs/<sha256>}."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for file in sorted(model.rglob("*")):
+        relative = file.relative_to(model)
+        if file.is_dir() or relative.parts[0] == "_vocab":
+            continue
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, blob)
+        link = snapshot / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -7,7 +7,6 @@ whole edit takes about a second; the pixels mean nothing, the files and sizes do
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -20,48 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import diffedit.io.images as image_io
 from diffedit import cli
 from diffedit.io.files import is_temp_file
-from reference_models import build_reference
+from reference_models import assert_png, noise_image, run_cli, snapshot
 
 FAST = ["--steps", "4", "--mask-samples", "2"]
 W, H = 53, 37  # not multiples of 8
 
 
-# ---------------------------------------------------------------------- helpers (shared with test_misuse/properties)
-
-def tiny_model_folder(tmp_path_factory) -> Path:
-    """The random tiny model, built once per test session (model_index.json is written last)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-random-model"
-    if not (folder / "model_index.json").is_file():
-        build_reference("tiny", folder, seed=0)
-    return folder
-
-
-def noise_image(w: int = W, h: int = H, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file under folder: (size, mtime_ns, sha256), to prove what did or did not change."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, list[str]]:
-    """main() in this process: (exit status, stdout, stderr lines)."""
-    capsys.readouterr()
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # only --help exits
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err.splitlines()
-
+# ---------------------------------------------------------------------- helpers
 
 def assert_one_line_error(code: int, out: str, err: list[str], *phrases: str) -> str:
     assert code == 2, (code, err)
@@ -73,50 +42,21 @@ def assert_one_line_error(code: int, out: str, err: list[str], *phrases: str) ->
     return err[0]
 
 
-def assert_png(path: Path, size: tuple[int, int] | None = None, mode: str | None = None) -> Image.Image:
-    """A complete, valid PNG of this size (verify() checks every chunk's CRC, load() every pixel)."""
-    with Image.open(path) as probe:
-        assert probe.format == "PNG"
-        probe.verify()
-    image = Image.open(path)
-    image.load()
-    if size is not None:
-        assert image.size == size
-    if mode is not None:
-        assert image.mode == mode
-    return image
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_folder(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine torch's default threads
-    make them 100x slower (they spin against each other and against other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
 def workdir(tmp_path) -> Path:
-    noise_image().save(tmp_path / "cat.png")
+    noise_image(W, H).save(tmp_path / "cat.png")
     return tmp_path
 
 
 # ---------------------------------------------------------------------- end to end
 
-def test_edit_end_to_end(workdir, tiny_model, capsys):
+def test_edit_end_to_end(workdir, tiny_model_folder, capsys):
     before = snapshot(workdir)
     code, out, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog",
-                              "--model", tiny_model, *FAST], capsys)
+                              "--model", tiny_model_folder, *FAST], capsys)
     assert code == 0, err
     assert err == []  # stderr is not a terminal: no progress bar
     names = {kind: workdir / f"cat.{kind}.png" for kind in ("edit", "mask", "panel")}
@@ -130,11 +70,11 @@ def test_edit_end_to_end(workdir, tiny_model, capsys):
     panel = assert_png(names["panel"])
     assert panel.width == 3 * W + 2 * 8 and panel.height > H  # input | overlay | edit, 8 px apart, labels below
     left = np.asarray(panel.convert("RGB"))[:H, :W]
-    assert np.array_equal(left, np.asarray(noise_image()))  # the first picture is the input itself
+    assert np.array_equal(left, np.asarray(noise_image(W, H)))  # the first picture is the input itself
 
 
-def test_outputs_are_deterministic_and_mask_command_agrees(workdir, tiny_model, capsys):
-    common = ["--source", "a cat", "--target", "a dog", "--model", tiny_model, *FAST, "--seed", "7"]
+def test_outputs_are_deterministic_and_mask_command_agrees(workdir, tiny_model_folder, capsys):
+    common = ["--source", "a cat", "--target", "a dog", "--model", tiny_model_folder, *FAST, "--seed", "7"]
     for tag in ("a", "b"):
         code, _, err = run_cli(["edit", workdir / "cat.png", *common, "--out", workdir / f"{tag}.png",
                                 "--mask-out", workdir / f"{tag}.mask.png", "--panel-out", workdir / f"{tag}.panel.png",
@@ -149,16 +89,16 @@ def test_outputs_are_deterministic_and_mask_command_agrees(workdir, tiny_model, 
     assert np.array_equal(pixels["a.mask.png"], pixels["m.png"])  # one seed, one mask, whichever command
 
 
-def test_mask_command_default_name(workdir, tiny_model, capsys):
-    code, out, err = run_cli(["mask", workdir / "cat.png", "--source", "", "--target", "a dog", "--model", tiny_model,
-                              *FAST], capsys)
+def test_mask_command_default_name(workdir, tiny_model_folder, capsys):
+    code, out, err = run_cli(["mask", workdir / "cat.png", "--source", "", "--target", "a dog", "--model",
+                              tiny_model_folder, *FAST], capsys)
     assert code == 0, err
     assert sorted(os.listdir(workdir)) == ["cat.mask.png", "cat.png"]
     assert_png(workdir / "cat.mask.png", (W, H), "L")
 
 
-def test_overwrite(workdir, tiny_model, capsys):
-    argv = ["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model", tiny_model, *FAST,
+def test_overwrite(workdir, tiny_model_folder, capsys):
+    argv = ["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model", tiny_model_folder, *FAST,
             "--quiet"]
     assert run_cli(argv, capsys)[0] == 0
     first = snapshot(workdir)
@@ -182,7 +122,7 @@ def test_overwrite(workdir, tiny_model, capsys):
 
 
 @pytest.mark.parametrize("target", ["input", "symlink", "hardlink"])
-def test_input_is_never_overwritten(workdir, tiny_model, capsys, target):
+def test_input_is_never_overwritten(workdir, tiny_model_folder, capsys, target):
     path = {"input": workdir / "cat.png", "symlink": workdir / "link.png", "hardlink": workdir / "hard.png"}[target]
     if target == "symlink":
         path.symlink_to(workdir / "cat.png")
@@ -190,7 +130,7 @@ def test_input_is_never_overwritten(workdir, tiny_model, capsys, target):
         os.link(workdir / "cat.png", path)
     before = snapshot(workdir)
     code, out, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model",
-                              tiny_model, "--out", path, "--overwrite"], capsys)
+                              tiny_model_folder, "--out", path, "--overwrite"], capsys)
     assert_one_line_error(code, out, err, "is one of the inputs", "choose another output name")
     assert snapshot(workdir) == before
 
@@ -223,10 +163,10 @@ USER_ERRORS = [
 
 
 @pytest.mark.parametrize("argv, phrases", [e[1:] for e in USER_ERRORS], ids=[e[0] for e in USER_ERRORS])
-def test_user_errors_exit_2_with_one_line(workdir, tiny_model, capsys, monkeypatch, argv, phrases):
+def test_user_errors_exit_2_with_one_line(workdir, tiny_model_folder, capsys, monkeypatch, argv, phrases):
     monkeypatch.chdir(workdir)
     before = snapshot(workdir)
-    code, out, err = run_cli([tiny_model if a == "MODEL" else a for a in argv], capsys)
+    code, out, err = run_cli([tiny_model_folder if a == "MODEL" else a for a in argv], capsys)
     assert_one_line_error(code, out, err, *phrases)
     assert snapshot(workdir) == before
 
@@ -282,13 +222,13 @@ def test_progress_bar_draws_and_erases():
     assert silent.getvalue() == ""
 
 
-def test_progress_counts_every_unet_sample(workdir, tiny_model, capsys, monkeypatch):
+def test_progress_counts_every_unet_sample(workdir, tiny_model_folder, capsys, monkeypatch):
     """The bar's total (2n + k + 2k UNet samples) is what the run really spends: the decode phase
     ends exactly at total/total. --quiet draws nothing."""
     terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     code = cli.main(["edit", str(workdir / "cat.png"), "--source", "a cat", "--target", "a dog", "--model",
-                     str(tiny_model), "--steps", "5", "--strength", "0.6", "--mask-samples", "3"])
+                     str(tiny_model_folder), "--steps", "5", "--strength", "0.6", "--mask-samples", "3"])
     assert code == 0
     total = 2 * 3 + 3 + 2 * 3
     text = terminal.getvalue()
@@ -298,7 +238,7 @@ def test_progress_counts_every_unet_sample(workdir, tiny_model, capsys, monkeypa
     terminal.seek(0)
     terminal.truncate()
     code = cli.main(["mask", str(workdir / "cat.png"), "--source", "a cat", "--target", "a dog", "--model",
-                     str(tiny_model), *FAST, "--out", str(workdir / "quiet.png"), "--quiet"])
+                     str(tiny_model_folder), *FAST, "--out", str(workdir / "quiet.png"), "--quiet"])
     assert code == 0 and terminal.getvalue() == ""
 
 
@@ -362,9 +302,9 @@ def leftovers(workdir: Path) -> list[str]:
     return sorted(n for n in os.listdir(workdir) if n not in ("cat.png", "cat.edit.png", "cat.mask.png", "cat.panel.png"))
 
 
-def test_sigkill_mid_write_leaves_no_partial_output(workdir, tiny_model, capsys):
+def test_sigkill_mid_write_leaves_no_partial_output(workdir, tiny_model_folder, capsys):
     """SIGKILL (no handler can run) while the second output, the mask, is half written."""
-    process = start_slow_cli(workdir, tiny_model, 0.05)
+    process = start_slow_cli(workdir, tiny_model_folder, 0.05)
     try:
         wait_for_line(process, "writing cat.mask.png")
         time.sleep(0.3)  # about 6 of the 20 chunks are on disk
@@ -383,7 +323,7 @@ def test_sigkill_mid_write_leaves_no_partial_output(workdir, tiny_model, capsys)
     # The next run, without --overwrite, does not take the temp for an existing cat.mask.png, and
     # deletes it (its writer is dead).
     code, _, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model",
-                            tiny_model, *FAST, "--out", workdir / "again.png", "--quiet"], capsys)
+                            tiny_model_folder, *FAST, "--out", workdir / "again.png", "--quiet"], capsys)
     assert code == 0, err
     assert sorted(os.listdir(workdir)) == ["again.png", "cat.edit.png", "cat.mask.png", "cat.panel.png", "cat.png"]
     assert_png(workdir / "cat.mask.png", (W, H), "L")
@@ -391,7 +331,7 @@ def test_sigkill_mid_write_leaves_no_partial_output(workdir, tiny_model, capsys)
 
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
                                                   (signal.SIGTERM, 143, "terminated")])
-def test_signal_mid_write_cleans_up(workdir, tiny_model, capsys, monkeypatch, signum, status, word):
+def test_signal_mid_write_cleans_up(workdir, tiny_model_folder, capsys, monkeypatch, signum, status, word):
     """Ctrl-C (SIGINT) or SIGTERM delivered to this process while the edit is half written: the
     handler runs, the temporary file is removed, exit status 130 / 143 and one line."""
     real = image_io.atomic_write
@@ -410,7 +350,7 @@ def test_signal_mid_write_cleans_up(workdir, tiny_model, capsys, monkeypatch, si
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code, out, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model",
-                                  tiny_model, *FAST], capsys)
+                                  tiny_model_folder, *FAST], capsys)
     finally:
         signal.signal(signal.SIGINT, previous_int)
     assert code == status and out == ""
@@ -420,10 +360,10 @@ def test_signal_mid_write_cleans_up(workdir, tiny_model, capsys, monkeypatch, si
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_times(workdir, tiny_model):
+def test_sigkill_at_random_times(workdir, tiny_model_folder):
     """Kill the CLI at random moments of a whole run (loading, computing, any write): every output
     is either absent or a complete valid PNG of the input's size, and any other file is a temp."""
-    process = start_slow_cli(workdir, tiny_model, 0.02)
+    process = start_slow_cli(workdir, tiny_model_folder, 0.02)
     start = time.monotonic()
     try:
         assert process.wait(timeout=600) == 0
@@ -434,7 +374,7 @@ def test_sigkill_at_random_times(workdir, tiny_model):
     for delay in sorted(rng.uniform(0.2, duration) for _ in range(4)):
         for name in leftovers(workdir) + ["cat.edit.png", "cat.mask.png", "cat.panel.png"]:
             (workdir / name).unlink(missing_ok=True)
-        process = start_slow_cli(workdir, tiny_model, 0.02)
+        process = start_slow_cli(workdir, tiny_model_folder, 0.02)
         try:
             time.sleep(delay)
             process.kill()

@@ -7,7 +7,6 @@ Weights come from tests/reference_models.py (tiny random models saved by diffuse
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -280,7 +279,7 @@ HUB_SCRIPT = textwrap.dedent("""
     import torch
     from diffedit.errors import ModelLoadError
     from diffedit.checkpoints.loading import load_model
-    from test_loading import fake_hub_cache
+    from reference_models import fake_hub_cache
 
     def refuse(*args, **kwargs):
         raise OSError("network access attempted")
@@ -302,27 +301,6 @@ HUB_SCRIPT = textwrap.dedent("""
     result["same"] = all(same(getattr(cached, n), getattr(load_model(local), n)) for n in ("unet", "vae", "text_encoder"))
     print(json.dumps(result))
 """)
-
-
-def fake_hub_cache(hf_home: Path, repo_id: str, model: Path) -> Path:
-    """The layout huggingface_hub writes: hub/models--org--name/{blobs/<sha256>, refs/main,
-    snapshots/<commit>/<path> -> ../../blobs/<sha256>}."""
-    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    snapshot = repo / "snapshots" / commit
-    for file in sorted(model.rglob("*")):
-        relative = file.relative_to(model)
-        if file.is_dir() or relative.parts[0] == "_vocab":
-            continue
-        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(file, blob)
-        link = snapshot / relative
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def test_hub_id_offline(tiny, tmp_path):

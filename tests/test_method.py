@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffedit import method
-from diffedit.models.config import SchedulerConfig
+from diffedit.models.config import PRESETS
 from diffedit.errors import ParameterError
 from diffedit.mask_maps import mask_maps
 from diffedit.pipeline import DiffEditPipeline
@@ -23,8 +23,7 @@ from diffedit.results import MaskResult
 from diffedit.sampler import DDIM, classifier_free_guidance
 from reference_models import build_reference
 
-SD = SchedulerConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                     set_alpha_to_one=False, clip_sample=False)
+SD = PRESETS["sd1"].scheduler  # SD's own noise schedule
 TOL = 1e-5        # float32 rounding of a few elementwise operations on unit-scale latents
 BATCH_TOL = 1e-4  # the same image alone or in a batch: UNet rounding may differ with the batch size
 SOURCE, TARGET = "a photo of a cat on a sofa", "a photo of a dog on a sofa"

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,23 +29,10 @@ import diffedit.io.images as image_io
 import diffedit.pipeline as pipeline_module
 from diffedit import errors
 from diffedit.pipeline import DiffEditPipeline
-from test_cli import assert_png, noise_image, run_cli, snapshot, tiny_model_folder
+from reference_models import assert_png, noise_image, run_cli, snapshot
 
 FAST = ["--steps", "4", "--mask-samples", "2"]
 OUTPUTS = ("in.edit.png", "in.mask.png", "in.panel.png")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_folder(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------- builders of bad inputs
@@ -370,8 +357,8 @@ def materialise(argv: list, folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_misuse(case: Case, tmp_path, tiny_model, capsys, monkeypatch):
-    argv = ["edit", *materialise(case.make(tmp_path, tiny_model), tmp_path)]
+def test_misuse(case: Case, tmp_path, tiny_model_folder, capsys, monkeypatch):
+    argv = ["edit", *materialise(case.make(tmp_path, tiny_model_folder), tmp_path)]
     if case.patch is not None:
         case.patch(monkeypatch, tmp_path)
     image_io._warned.clear()  # "said once per process": once per case here
@@ -409,13 +396,13 @@ def test_every_table_case_names_its_exception_class():
     assert all(issubclass(getattr(errors, name), errors.DiffEditError) for name in names)
 
 
-def test_alpha_is_said_once_per_process(tmp_path, tiny_model, capsys):
+def test_alpha_is_said_once_per_process(tmp_path, tiny_model_folder, capsys):
     save(rgba(), tmp_path / "in.png")
     image_io._warned.clear()
     lines = []
     for out in ("a.png", "b.png"):
         code, _, err = run_cli(["edit", tmp_path / "in.png", "--source", "a cat", "--target", "a dog", "--model",
-                                tiny_model, *FAST, "--out", tmp_path / out, "--mask-out", tmp_path / f"m{out}",
+                                tiny_model_folder, *FAST, "--out", tmp_path / out, "--mask-out", tmp_path / f"m{out}",
                                 "--panel-out", tmp_path / f"p{out}", "--quiet"], capsys)
         assert code == 0
         lines.append(err)
@@ -441,8 +428,8 @@ def test_hub_id_offline_not_in_cache(tmp_path):
 # ---------------------------------------------------------------------- the Python API: same family, same sentence
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model):
-    return DiffEditPipeline.from_pretrained(tiny_model)
+def pipe(tiny_model_folder):
+    return DiffEditPipeline.from_pretrained(tiny_model_folder)
 
 
 API_CASES = ["image-missing", "image-is-folder", "image-empty-file", "image-not-an-image", "image-truncated-png",
@@ -451,8 +438,8 @@ API_CASES = ["image-missing", "image-is-folder", "image-empty-file", "image-not-
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in API_CASES], ids=API_CASES)
-def test_api_raises_the_same_sentence(case: Case, tmp_path, tiny_model, pipe, capsys):
-    argv = materialise(case.make(tmp_path, tiny_model), tmp_path)
+def test_api_raises_the_same_sentence(case: Case, tmp_path, tiny_model_folder, pipe, capsys):
+    argv = materialise(case.make(tmp_path, tiny_model_folder), tmp_path)
     image, source, target = argv[0], argv[2], argv[4]
     code, _, err = run_cli(["edit", *argv], capsys)
     before = snapshot(tmp_path)
@@ -493,9 +480,9 @@ def test_api_mask_out_of_range(pipe):
     (dict(device="cuda"), "no CUDA device"),
     (dict(device="gpu0"), "unknown device 'gpu0'"),
 ])
-def test_api_device_and_dtype(tiny_model, kwargs, phrase):
+def test_api_device_and_dtype(tiny_model_folder, kwargs, phrase):
     with pytest.raises(errors.ParameterError, match=phrase.replace("(", r"\(")):
-        DiffEditPipeline.from_pretrained(tiny_model, **kwargs)
+        DiffEditPipeline.from_pretrained(tiny_model_folder, **kwargs)
 
 
 def test_api_nan_in_the_mask_is_reported_not_an_empty_mask(pipe, monkeypatch):

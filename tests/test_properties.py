@@ -19,16 +19,15 @@ from PIL import Image
 from diffedit import cli
 from diffedit.errors import DiffEditError
 from diffedit.pipeline import DiffEditPipeline
-from test_cli import tiny_model_folder
 
 MODES = ["L", "RGB", "RGBA", "P", "I;16"]
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipe(tiny_model_folder):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and robust to a busy machine
-    yield DiffEditPipeline.from_pretrained(tiny_model_folder(tmp_path_factory))
+    yield DiffEditPipeline.from_pretrained(tiny_model_folder)
     torch.set_num_threads(before)
 
 

@@ -1,6 +1,7 @@
 """DDIM sampler and inverter against diffusers' DDIMScheduler / DDIMInverseScheduler (oracles,
 built `from_config` of the same dict as our SchedulerConfig), plus exact-invertibility properties."""
 
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -12,15 +13,14 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_di
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from diffedit.models.config import SchedulerConfig
+from diffedit.models.config import PRESETS, SchedulerConfig
 from diffedit.errors import ParameterError
 from diffedit.sampler import DDIM, classifier_free_guidance
 
 TOL = 1e-6  # max abs difference allowed against the oracles (latents of unit scale, fp32)
 MEASURED: dict[str, float] = {}  # worst errors seen, printed by test_zz_report (pytest -s)
 
-SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-          set_alpha_to_one=False, clip_sample=False)
+SD = asdict(PRESETS["sd1"].scheduler)  # SD's own noise schedule, every key spelled out (diffusers' names)
 DEFAULTS: dict = {}  # DDIMScheduler's defaults: linear, clip_sample, set_alpha_to_one, no offset
 CONFIGS = {"sd": SD, "defaults": DEFAULTS}
 SCHEDULES = {

@@ -1,4 +1,4 @@
-"""The synthetic shapes world (diffedit/shapes_world.py) and its edit checker (diffedit/shapes_check.py).
+"""The synthetic shapes world (diffedit/shapes/world.py, scene.py) and its edit checker (diffedit/shapes/check.py).
 
 World: determinism, disjoint seed ranges, masks equal to the drawing, no overlaps, caption grammar
 round trip, valid single-word edits with consistent masks. Checker: 100 % success on exact target

@@ -9,7 +9,6 @@ import random
 import re
 import unicodedata
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,9 +5,11 @@ resuming matches on. No model is touched here; diffedit/sweep.py does the work."
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ MASK_AXES = ("mask_samples", "mask_noise_strength", "threshold", "blend")   # ig
 CONFIG_KEYS = ("model", "device", "dtype", "resolution", "items", "grid", "metrics", "save_images")
 IDENTITY_KEYS = ("model", "dtype", "resolution", "items", "metrics")        # must match to resume
 RUN_DEPENDENT = ("time_", "cache_")                                        # columns that depend on run order
+ITEM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")                  # an item id is one safe file name
 
 
 # ---------------------------------------------------------------------- config
@@ -130,7 +133,7 @@ class Item:
     source: str
     target: str
     gt_mask: np.ndarray | None = None     # (H, W) bool, the region the edit may change
-    edit: Any = None                      # a shapes_world.Edit (ground truth for check_edit)
+    edit: Any = None                      # a shapes.world.Edit (ground truth for check_edit)
 
 
 def load_items(spec: dict) -> list[Item]:
@@ -147,15 +150,7 @@ def load_items(spec: dict) -> list[Item]:
 
 
 def _folder_items(folder: Path) -> list[Item]:
-    if (folder / "manifest.json").is_file():
-        entries = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        entries = entries.get("items") if isinstance(entries, dict) else entries
-    elif (folder / "manifest.csv").is_file():
-        with open(folder / "manifest.csv", newline="", encoding="utf-8") as f:
-            entries = list(csv.DictReader(f))
-    else:
-        raise ParameterError(f"{folder} has no manifest.json or manifest.csv; write one listing image, source, target "
-                             "(and optionally gt_mask, id) per item.")
+    entries = _read_manifest(folder)
     if not isinstance(entries, list) or not entries:
         raise ParameterError(f"the manifest in {folder} lists no items; give a list of objects with image, source "
                              "and target.")
@@ -163,16 +158,68 @@ def _folder_items(folder: Path) -> list[Item]:
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not e.get("image") or e.get("target") in (None, "") or e.get("source") is None:
             raise ParameterError(f"manifest entry {i} in {folder} needs 'image', 'source' and a non-empty 'target'.")
-        image = load_image(folder / e["image"])
+        if not all(isinstance(e.get(k) or "", str) for k in ("image", "gt_mask", "source", "target")):
+            raise ParameterError(f"manifest entry {i} in {folder}: image, gt_mask, source and target must be text.")
+        image = load_image(inside(folder, e["image"], f"the image of manifest entry {i}"))
         gt = None
         if e.get("gt_mask"):
-            gt = M.as_bool_mask(load_image(folder / e["gt_mask"]).convert("L"), image.size)
-        item_id = str(e.get("id") or f"{i:03d}-{Path(e['image']).stem}")
+            gt_path = inside(folder, e["gt_mask"], f"the gt_mask of manifest entry {i}")
+            gt = M.as_bool_mask(load_image(gt_path).convert("L"), image.size)
+        item_id = check_item_id(str(e.get("id") or f"{i:03d}-{Path(e['image']).stem}"), f"manifest entry {i}")
         items.append(Item(item_id, image, e["source"], e["target"], gt))
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ParameterError(f"the manifest in {folder} repeats item ids; give each item a distinct 'id'.")
     return items
+
+
+def _read_manifest(folder: Path):
+    """The entries of FOLDER/manifest.json (a list, or {"items": [...]}) or FOLDER/manifest.csv."""
+    json_path, csv_path = folder / "manifest.json", folder / "manifest.csv"
+    try:
+        if json_path.is_file():
+            entries = json.loads(json_path.read_text(encoding="utf-8"))
+            return entries.get("items") if isinstance(entries, dict) else entries
+        if csv_path.is_file():
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f, strict=True))
+    except UnicodeDecodeError:
+        raise ParameterError(f"the manifest in {folder} is not UTF-8 text; save it as UTF-8.") from None
+    except json.JSONDecodeError as e:
+        raise ParameterError(f"{json_path} is not valid JSON ({e.msg}, line {e.lineno}); fix it.") from None
+    except csv.Error as e:
+        raise ParameterError(f"{csv_path} is not a valid CSV file ({e}); fix it.") from None
+    except OSError as e:
+        raise ParameterError(f"cannot read the manifest in {folder} ({e.strerror}); check its permissions.") from None
+    raise ParameterError(f"{folder} has no manifest.json or manifest.csv; write one listing image, source, target "
+                         "(and optionally gt_mask, id) per item.")
+
+
+def inside(folder: Path, relative: str, what: str) -> Path:
+    """FOLDER/RELATIVE, refused unless it stays inside FOLDER (no absolute path, no '..' out of
+    it, no symbolic link pointing out of it)."""
+    path = folder / relative
+    if Path(relative).is_absolute() or not _within(path, folder):
+        raise ParameterError(f"{what} ({relative!r}) points outside {folder}; give a path relative to that folder "
+                             "and inside it.")
+    return path
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
+        return True
+    except ValueError:
+        return False
+
+
+def check_item_id(item_id: str, where: str) -> str:
+    """An item id names files and folders of the results (images/ID/...), so it must be one plain
+    file name: letters, digits, '.', '_' and '-', starting with a letter or a digit."""
+    if not ITEM_ID.fullmatch(item_id):
+        raise ParameterError(f"the item id {item_id!r} of {where} is not a plain name; use up to 128 letters, digits, "
+                             "'.', '_' or '-', starting with a letter or digit.")
+    return item_id
 
 
 # ---------------------------------------------------------------------- runs and keys
@@ -198,6 +245,21 @@ def plan_runs(cfg: SweepConfig, items: list[Item]) -> list[Run]:
     names = list(AXES)
     points = list(dict.fromkeys(combo for g in cfg.grids for combo in itertools.product(*(g[a] for a in names))))
     return [Run(i, item.id, tuple(zip(names, combo))) for i, item in enumerate(items) for combo in points]
+
+
+def plan_digest(cfg: SweepConfig, runs: list[Run]) -> str:
+    """A fingerprint of what a sweep runs (its identity and every run key, in order): the shards
+    of one sweep share it, and the same digest gives the same shard assignment."""
+    text = json.dumps({"identity": cfg.identity(), "runs": [r.key for r in runs]}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def runs_per_item(runs: list[Run], count: int) -> list[int]:
+    """The number of runs of each item (the weights the shard assignment balances)."""
+    weights = [0] * count
+    for r in runs:
+        weights[r.item] += 1
+    return weights
 
 
 def effective_settings(s: dict) -> dict:

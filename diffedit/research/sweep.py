@@ -14,7 +14,7 @@ CONFIG (JSON; every key but "items" optional):
      "metrics": {"lpips": {"factory": "my.module:make_lpips", "weights": "/path/lpips.pth"}},
      "save_images": true}
 
-Axes and defaults: see AXES in sweep_plan.py (the config, items and run keys live there).
+Axes and defaults: see AXES in plan.py (the config, items and run keys live there).
 "ablation" is "none" (DiffEdit), "no_mask" (encode-decode),
 "no_encode" (mask, noised latents instead of encoded ones) or "sdedit" (neither).
 
@@ -43,6 +43,7 @@ happened in; every other column is a function of the settings alone.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
@@ -56,28 +57,43 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffedit.errors import OutputFileError
+from diffedit.errors import OutputFileError, ParameterError
 from diffedit.io.files import atomic_write, atomic_write_text
 from diffedit.io.images import save_image
 from diffedit.io.pictures import mask_to_pil
 from diffedit.io.progress import progress_bar
 from diffedit.research import metrics as M
+from diffedit.research.merge import (
+    all_done,
+    canonical_order,
+    check_layout,
+    clear_done,
+    mark_done,
+    merge_shards,
+    shard_folder,
+    wait_and_merge,
+)
 from diffedit.research.plan import (
     Item,
     Run,
     SweepConfig,
     effective_settings,
     load_items,
+    plan_digest,
     plan_runs,
+    runs_per_item,
 )
+from diffedit.research.shards import FolderLock, Shard, assign
 from diffedit.research.table import (
     CSV_NAME,
     ITEMS_NAME,
     RESULTS,
     append_row,
     check_config,
+    check_table_files,
     read_rows,
     write_csv,
+    write_rows,
 )
 from diffedit.results import Inversion
 from diffedit.settings import ABLATIONS
@@ -118,65 +134,88 @@ class SweepResult:
 
 
 def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable | None = None,
-              bar: bool = True) -> SweepResult:
+              bar: bool = True, shard: Shard | None = None, trust_config_code: bool = False) -> SweepResult:
     """Run every grid point of `config` not yet in `out_dir`/results.jsonl. `pipe` (a
     DiffEditPipeline) is loaded from the config when None; `progress(done, total, row)` is called
-    after each row is written (raising from it stops the sweep, resumable)."""
+    after each row is written (raising from it stops the sweep, resumable). With `shard` K/N (N > 1)
+    only the items assigned to shard K run, into `out_dir`/shards/K-of-N (research/merge.py).
+    Metrics that import code named by the config need `trust_config_code`."""
     cfg = SweepConfig.parse(config)
+    if cfg.metrics and not trust_config_code:
+        raise ParameterError(f"the sweep config imports code for the metrics {', '.join(sorted(cfg.metrics))}; "
+                             "pass --trust-config-code (trust_config_code=True) if you trust it.")
+    shard = shard or Shard(0, 1, "single")
     out = Path(out_dir).expanduser()
+    folder = shard_folder(out, shard) if shard.count > 1 else out
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputFileError(f"cannot create the sweep folder {out} ({e.strerror}); choose another --out.") from None
-    check_config(out, cfg)
+        raise OutputFileError(f"cannot create the sweep folder {folder} ({e.strerror}); choose another --out.") from None
+    check_table_files(folder)
+    check_layout(out, shard)
     items = load_items(cfg.items)
-    extra = M.registered_metrics()
-    extra.update({n: M.load_metric(n, s["factory"], s["weights"]) for n, s in cfg.metrics.items()})
     runs = plan_runs(cfg, items)
-    finished = {r.get("key") for r in read_rows(out, repair=True)}
-    todo = [r for r in runs if r.key not in finished]
-    if pipe is None and todo:
-        from diffedit.pipeline import DiffEditPipeline
-        pipe = DiffEditPipeline.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    _write_items(out, items, cfg.save_images)
-    done = len(runs) - len(todo)
-    meter = progress_bar(len(runs), "runs", initial=done, enabled=bar, description="sweep")
-    try:
-        for index, group in itertools.groupby(todo, key=lambda r: r.item):
-            group = list(group)
-            state = _ItemState()
-            for r in group:
-                s = r.s
-                if ABLATIONS[s["ablation"]][0]:
-                    steps = s["num_inference_steps"]
-                    state.r_max[steps] = max(state.r_max.get(steps, 0.0), s["strength"])
-            for r in group:
-                row = _execute(pipe, cfg, items[index], r, state, out, extra)
-                append_row(out, row)
-                done += 1
-                meter.update(1)
-                if progress is not None:
-                    progress(done, len(runs), row)
-    finally:
-        meter.close()
-        if (out / RESULTS).is_file():
-            write_csv(out)
-    return SweepResult(out, read_rows(out), done - (len(runs) - len(todo)), len(runs) - len(todo))
+    owner = assign(runs_per_item(runs, len(items)), shard.count)
+    runs = [r for r in runs if owner[r.item] == shard.index]
+    with FolderLock(folder):
+        check_config(folder, cfg)
+        extra = M.registered_metrics()
+        extra.update({n: M.load_metric(n, s["factory"], s["weights"]) for n, s in cfg.metrics.items()})
+        clear_done(folder)
+        finished = {r.get("key") for r in read_rows(folder, repair=True)}
+        todo = [r for r in runs if r.key not in finished]
+        if pipe is None and todo:
+            from diffedit.pipeline import DiffEditPipeline
+            pipe = DiffEditPipeline.from_pretrained(cfg.model, device=shard.device(cfg.device), dtype=cfg.dtype)
+        _write_items(out, folder, [items[i] for i in sorted({r.item for r in runs})], cfg.save_images)
+        skipped = done = len(runs) - len(todo)
+        meter = progress_bar(len(runs), "runs", initial=done, enabled=bar, description=f"sweep {shard.name}")
+        try:
+            for index, group in itertools.groupby(todo, key=lambda r: r.item):
+                group = list(group)
+                state = _ItemState()
+                for r in group:
+                    s = r.s
+                    if ABLATIONS[s["ablation"]][0]:
+                        steps = s["num_inference_steps"]
+                        state.r_max[steps] = max(state.r_max.get(steps, 0.0), s["strength"])
+                for r in group:
+                    row = _execute(pipe, cfg, items[index], r, state, out, extra)
+                    append_row(folder, row)
+                    done += 1
+                    meter.update(1)
+                    if progress is not None:
+                        progress(done, len(runs), row)
+        finally:
+            meter.close()
+            if (folder / RESULTS).is_file() and shard.count == 1:
+                write_csv(folder)
+        rows = read_rows(folder)
+        if shard.count > 1:
+            mark_done(folder, shard, plan_digest(cfg, plan_runs(cfg, items)), [it.id for it in items], len(rows))
+        else:   # a single process is its own merge: the rows in plan order, as merge_shards writes them
+            ordered = canonical_order(rows, [r.key for r in runs])
+            if ordered != rows:
+                write_rows(folder, ordered)
+                write_csv(folder, ordered)
+            rows = ordered
+    return SweepResult(out, rows, done - skipped, skipped)
 
 
-def _write_items(out: Path, items: list[Item], save_images: bool) -> None:
+def _write_items(out: Path, folder: Path, items: list[Item], save_images: bool) -> None:
+    """items.json in the table's folder; the input (and ground-truth) pictures under out/images/ITEM."""
     listing = []
     for item in items:
         entry = {"id": item.id, "source": item.source, "target": item.target, "size": list(item.image.size)}
         if save_images:
-            folder = out / "images" / item.id
-            folder.mkdir(parents=True, exist_ok=True)
-            entry["input"] = save_image(item.image, folder / "input.png", overwrite=True).relative_to(out).as_posix()
+            item_folder = out / "images" / item.id
+            item_folder.mkdir(parents=True, exist_ok=True)
+            entry["input"] = save_image(item.image, item_folder / "input.png", overwrite=True).relative_to(out).as_posix()
             if item.gt_mask is not None:
                 entry["gt_mask"] = save_image(Image.fromarray(item.gt_mask.astype(np.uint8) * 255, "L"),
-                                              folder / "gt_mask.png", overwrite=True).relative_to(out).as_posix()
+                                              item_folder / "gt_mask.png", overwrite=True).relative_to(out).as_posix()
         listing.append(entry)
-    atomic_write_text(out / ITEMS_NAME, json.dumps(listing, indent=2) + "\n", overwrite=True)
+    atomic_write_text(folder / ITEMS_NAME, json.dumps(listing, indent=2) + "\n", overwrite=True)
 
 
 def _execute(pipe, cfg: SweepConfig, item: Item, run: Run, state: _ItemState, out: Path, extra: dict) -> dict:
@@ -281,31 +320,61 @@ def _inversion(pipe, encoded, steps: int, state: _ItemState):
 # ---------------------------------------------------------------------- command line
 
 def add_arguments(parser) -> None:
-    """Arguments of `diffedit sweep`."""
-    parser.add_argument("config", help="sweep config (JSON): model, items, grid (see diffedit/sweep.py)")
+    """Arguments of `diffedit sweep` (and of `diffedit sweep merge DIR`)."""
+    parser.add_argument("config", help="sweep config (JSON): model, items, grid (see diffedit/research/sweep.py); "
+                        "or `merge DIR` to merge the shards of a sweep run by many processes")
+    parser.add_argument("folder", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="output folder (default: sweeps/<config name>); "
                         "an existing sweep there is resumed")
     parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
     parser.add_argument("--dtype", default=None, help="override the config's dtype (fp32, bf16, fp16)")
+    parser.add_argument("--shard", default=None, metavar="K/N", help="run only shard K of N (from 0) into "
+                        "OUT/shards/K-of-N; overrides torchrun's RANK/WORLD_SIZE and a Slurm array's task id")
+    parser.add_argument("--trust-config-code", action="store_true", help="allow the config's \"metrics\" to "
+                        "import and run Python code (module:function factories); refused without this flag")
     parser.add_argument("--figures", action="store_true", help="also draw an image grid and a trade-off curve "
                         "(needs matplotlib: pip install 'diffedit-sd[plots]')")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
-    """`diffedit sweep`: run or resume a sweep; prints where the table is."""
+    """`diffedit sweep`: run or resume a sweep (or this process's shard of it); prints where the
+    table is. `diffedit sweep merge DIR` merges the shards in DIR."""
+    if args.config == "merge" and args.folder:
+        merged = merge_shards(args.folder)
+        print(f"merged {merged.shards} shards: {len(merged.rows)} rows in {merged.out_dir / RESULTS} and "
+              f"{merged.out_dir / CSV_NAME} ({merged.seconds:.2f} s)")
+        return _figures(args, merged.out_dir)
+    if args.folder:
+        raise ParameterError(f"unexpected argument {args.folder!r}; write `diffedit sweep CONFIG [--out DIR]` or "
+                             "`diffedit sweep merge DIR`.")
     cfg = SweepConfig.parse(args.config)
     if args.device:
         cfg.device = args.device
     if args.dtype:
         cfg.dtype = args.dtype
+    shard = Shard.resolve(args.shard)
     out = Path(args.out) if args.out else Path("sweeps") / Path(args.config).stem
-    result = run_sweep(cfg, out, bar=not args.quiet)
+    result = run_sweep(cfg, out, bar=not args.quiet, shard=shard, trust_config_code=args.trust_config_code)
+    if shard.count > 1:
+        print(f"shard {shard.index}/{shard.count}: {len(result.rows)} rows ({result.ran} run now, {result.skipped} "
+              f"already done) in {shard_folder(out, shard) / RESULTS}")
+        if shard.torchrun and shard.index == 0:
+            merged = wait_and_merge(out, shard.count)
+        elif all_done(out, shard.count) and not shard.torchrun:
+            merged = merge_shards(out)
+        else:
+            return 0
+        print(f"merged {shard.count} shards: {len(merged.rows)} rows in {out / RESULTS} and {out / CSV_NAME}")
+        return _figures(args, out) if shard.index == 0 or not shard.torchrun else 0
     print(f"{len(result.rows)} rows ({result.ran} run now, {result.skipped} already done) in {out / RESULTS} "
           f"and {out / CSV_NAME}")
+    return _figures(args, out)
+
+
+def _figures(args, out: Path) -> int:
     if args.figures:
         from diffedit.research.figures import sweep_figures
         for path in sweep_figures(out):
             print(f"figure: {path}")
     return 0
-

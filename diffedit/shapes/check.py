@@ -159,7 +159,7 @@ def _as_image(edited_image) -> np.ndarray:
             or edited_image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         got = getattr(edited_image, "shape", type(edited_image).__name__)
         raise ImageInputError(f"the edited image must be a uint8 array of shape ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) "
-                              f"or a PIL image, got {got}; convert tensors with shapes_world.to_image.")
+                              f"or a PIL image, got {got}; convert tensors with diffedit.shapes.world.to_image.")
     return edited_image
 
 

@@ -1,5 +1,5 @@
 """Training the embedded model: a tiny Stable Diffusion (same classes as SD 1.x, small configs)
-on the synthetic shapes world (shapes_world.py), from nothing, on a laptop CPU.
+on the synthetic shapes world (shapes/world.py), from nothing, on a laptop CPU.
 
     python -m diffedit.shapes.training --out weights/shapes-64 [--seed 0] [--quick]
 
