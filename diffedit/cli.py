@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from diffedit.errors import DiffEditError, OutputFileError, ParameterError
+from diffedit import is_command_line
+from diffedit.errors import DiffEditError, OutputFileError
 from diffedit.io.progress import is_terminal
 from diffedit.settings import add_argument
 
@@ -116,11 +117,17 @@ def default_output(image: Path, kind: str) -> Path:
     return image.with_name(f"{image.stem}.{kind}.png")
 
 
-def plan_outputs(image: Path, wanted: dict[str, str | None], overwrite: bool, protected: list[Path]) -> dict[str, Path]:
+def plan_outputs(image: Path, wanted: dict[str, str | None], overwrite: bool, protected: list[Path],
+                 flags: dict[str, str] | None = None) -> dict[str, Path]:
     """The output path of each kind (given or default), every one checked now so that a long run
     never ends in a refusal: writable folder, a known image suffix, not an input, distinct, and
-    not existing unless --overwrite."""
+    not existing unless --overwrite. An empty path (--out "") is refused, not read as the default."""
     from diffedit.io.files import check_output, image_format
+    for kind, path in wanted.items():
+        if path is not None and not str(path).strip():
+            flag = (flags or {}).get(kind, f"the {kind} output")
+            raise OutputFileError(f"{flag} is empty; give a file name such as {default_output(image, kind).name}, "
+                                  f"or leave out {flag} for that default.")
     plan = {kind: Path(path).expanduser() if path else default_output(image, kind) for kind, path in wanted.items()}
     seen: dict[Path, str] = {}
     for kind, path in plan.items():
@@ -146,10 +153,7 @@ def load_pipeline(args: argparse.Namespace):
 def check_schedule(pipe, steps: int, strengths: dict[str, float]) -> None:
     """Refuse step counts the model's scheduler cannot run (before any UNet call)."""
     for name, value in strengths.items():
-        try:
-            pipe.scheduler.step_pairs(steps, value)
-        except ParameterError as e:
-            raise ParameterError(f"--steps {steps} with {name} {value:g}: {e}") from None
+        pipe.scheduler.step_pairs(steps, value, name, "--steps")
 
 
 # ---------------------------------------------------------------------- the commands
@@ -161,7 +165,7 @@ def edit_cost(k: int, samples: int, guidance: float, with_mask: bool) -> int:
 def run_edit(args: argparse.Namespace) -> int:
     import torch
 
-    from diffedit.io.images import load_image, save_image
+    from diffedit.io.images import load_image, save_images
     from diffedit.io.pictures import (
         mask_picture,
         overlay_mask,
@@ -177,7 +181,8 @@ def run_edit(args: argparse.Namespace) -> int:
     if user_mask is not None:  # the user's mask is not written again
         del wanted["mask"]
     protected = [image_path] + ([Path(args.mask)] if args.mask else [])
-    outputs = plan_outputs(image_path, wanted, args.overwrite, protected)
+    outputs = plan_outputs(image_path, wanted, args.overwrite, protected,
+                           {"edit": "--out", "mask": "--mask-out", "panel": "--panel-out"})
     pipe = load_pipeline(args)
     check_schedule(pipe, args.num_inference_steps,
                    {"--strength": args.strength, "--mask-noise": args.mask_noise_strength})
@@ -210,8 +215,9 @@ def run_edit(args: argparse.Namespace) -> int:
     edited = result.images[0]
     pictures = {"edit": edited, "mask": mask_image,
                 "panel": side_by_side([image, overlay_mask(image, mask_image), edited], labels=["input", "mask", "edit"])}
+    save_images({path: pictures[kind] for kind, path in outputs.items()}, overwrite=args.overwrite,
+                protected=protected)  # all of them or none
     for kind, path in outputs.items():
-        save_image(pictures[kind], path, overwrite=args.overwrite, protected=protected)
         _report(args, kind, path)
     return 0
 
@@ -224,7 +230,7 @@ def run_mask(args: argparse.Namespace) -> int:
     source, target = check_prompts(args.source, args.target)
     image_path = Path(args.image).expanduser()
     image = load_image(image_path)
-    outputs = plan_outputs(image_path, {"mask": args.out}, args.overwrite, [image_path])
+    outputs = plan_outputs(image_path, {"mask": args.out}, args.overwrite, [image_path], {"mask": "--out"})
     pipe = load_pipeline(args)
     check_schedule(pipe, args.num_inference_steps, {"--mask-noise": args.mask_noise_strength})
     work = UNetProgress(pipe, 2 * args.mask_samples, enabled=not args.quiet)
@@ -275,7 +281,10 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("run a benchmark with ground truth (the synthetic shapes world)",
                     _lazy("shapes.eval", "add_arguments"), _lazy("shapes.eval", "run")),
     "sweep": Command("run or resume an ablation grid from a JSON config",
-                     _lazy("research.sweep", "add_arguments"), _lazy("research.sweep", "run")),
+                     _lazy("research.command", "add_arguments"), _lazy("research.command", "run")),
+    "bench": Command("run a paper benchmark (imagenet, pie-bench, a pairs file): every method over r",
+                     _lazy("research.benchmarks.command", "add_arguments"),
+                     _lazy("research.benchmarks.command", "run")),
 }
 
 
@@ -317,10 +326,13 @@ def _raise_terminated(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     old_show, old_term = warnings.showwarning, signal.getsignal(signal.SIGTERM)
+    old_int = signal.getsignal(signal.SIGINT)
     warnings.showwarning = _show_warning
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: leave SIGTERM alone
+        if old_int is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here on
+    except ValueError:  # not the main thread: leave the signals alone
         old_term = None
     try:
         argv = sys.argv[1:] if argv is None else argv
@@ -331,17 +343,44 @@ def main(argv: list[str] | None = None) -> int:
     except DiffEditError as e:
         return _fail(str(e), EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        return _fail("interrupted; no output file was left half-written.", EXIT_INTERRUPTED)
+        return _stop(_fail("interrupted; no output file was left half-written.", EXIT_INTERRUPTED))
     except Terminated:
-        return _fail("terminated; no output file was left half-written.", EXIT_TERMINATED)
-    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
-        if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower():
+        return _stop(_fail("terminated; no output file was left half-written.", EXIT_TERMINATED))
+    except (MemoryError, RuntimeError, OSError) as e:  # torch's OutOfMemoryError is a RuntimeError
+        if not is_allocation_failure(e):
             raise
-        return _fail("ran out of memory; use a smaller image, fewer --mask-samples or --dtype bf16.", 1)
+        return _fail("ran out of memory; use a smaller image, fewer --mask-samples or --dtype bf16.", EXIT_USER_ERROR)
     finally:
         warnings.showwarning = old_show
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGINT, old_int)
+
+
+_ALLOCATION = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate",
+               "not enough memory", "allocation failed", "bad_alloc", "std::bad_alloc")
+
+
+def is_allocation_failure(e: BaseException) -> bool:
+    """A failed allocation, whatever the allocator calls it (MemoryError, torch's "out of memory",
+    "DefaultCPUAllocator: can't allocate memory", an ENOMEM from the system)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(e, OSError):
+        import errno
+        return e.errno == errno.ENOMEM
+    return any(phrase in str(e).lower() for phrase in _ALLOCATION)
+
+
+def _stop(status: int) -> int:
+    """The command line ends an interrupted run at once with its status: an interrupt that landed
+    inside a C extension's own Python call would otherwise make the interpreter re-raise SIGINT
+    at exit (status -2 instead of 130). A program calling main() gets the status back."""
+    if is_command_line():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _fail(message: str, status: int) -> int:

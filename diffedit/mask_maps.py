@@ -24,6 +24,11 @@ in one pass over the noise predictions. `mask_maps` chooses between them with
 `diffedit.devices.choose_kernel`: its `backend` argument, else the environment variable
 DIFFEDIT_MASK_KERNEL, "auto" (default, Triton for CUDA tensors when it is installed), "torch" or
 "triton" (raises when the kernel cannot serve the tensors).
+
+The pipeline never holds all the predictions: `method.mask_difference` streams them into the
+difference map (its memory does not depend on n) and `maps_of_difference` does the rest, in torch
+(normalising a (B, h, w) map is cheap); the kernel serves callers of `mask_maps` that hold
+(B, n, C, h, w) predictions.
 """
 
 from __future__ import annotations
@@ -117,7 +122,24 @@ def mask_maps(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization:
               blur_sigma: float = 0.0, dilate_cells: int = 0, backend: str | None = None) -> MaskMaps:
     """DiffEdit step 1 after the UNet, all of it: difference, normalisation, optional blur,
     threshold, optional dilation, from noise predictions (B, n, C, h, w)."""
-    maps = _reduce(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio, backend)
+    return _finish(_reduce(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio, backend),
+                   threshold, blur_sigma, dilate_cells)
+
+
+def maps_of_difference(difference: torch.Tensor, normalization: str = "paper", threshold: float = 0.5,
+                       clamp_std: float = 3.0, mean_ratio: float = 3.0, blur_sigma: float = 0.0,
+                       dilate_cells: int = 0) -> MaskMaps:
+    """`mask_maps` from the difference map (B, h, w) itself, as `method.mask_difference` streams
+    it (the noise predictions are never all held, so this is the torch path)."""
+    if normalization not in NORMALIZATIONS:
+        raise ParameterError(f"unknown mask normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
+    soft = normalize_difference(difference, normalization, clamp_std, mean_ratio)
+    return _finish(MaskMaps(difference=difference, soft=soft, mask=soft > threshold), threshold, blur_sigma,
+                   dilate_cells)
+
+
+def _finish(maps: MaskMaps, threshold: float, blur_sigma: float, dilate_cells: int) -> MaskMaps:
+    """The optional blur (then the threshold again) and dilation."""
     if blur_sigma > 0:
         maps.soft = blur(maps.soft, blur_sigma)
         maps.mask = maps.soft > threshold

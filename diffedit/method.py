@@ -70,6 +70,86 @@ def mask_noise_predictions(predict_noise: PredictNoise, sampler: DDIM, x0: torch
     return eps[1], eps[0]
 
 
+class NoiseStream:
+    """The mask's n noise samples of each image, (B, n, C, h, w) in (image, sample) order, handed
+    out a few at a time: a given tensor is sliced (no copy); from a generator they are drawn in
+    pieces of 16 samples (the last piece 16 to 31), which on the CPU gives exactly the values of
+    one `torch.randn((B, n, C, h, w))` draw while never holding more than 31 samples."""
+
+    PIECE = 16
+
+    def __init__(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu", noise: torch.Tensor | None = None):
+        self.shape, self.generator, self.device = tuple(shape), generator, device
+        self.flat = noise.flatten(0, 1) if noise is not None else None
+        self.total, self.given, self.buffer = shape[0] * shape[1], 0, None
+
+    def take(self, k: int) -> torch.Tensor:
+        """The next k samples, (k, C, h, w), on `device`."""
+        if self.flat is not None:
+            out = self.flat[self.given:self.given + k]
+        else:
+            have = self.buffer
+            while (0 if have is None else len(have)) < k:
+                left = self.total - self.given - (0 if have is None else len(have))
+                if left <= 0:
+                    raise IndexError("NoiseStream: more samples taken than (B, n) holds")
+                z = torch.randn((left if left < 2 * self.PIECE else self.PIECE, *self.shape[2:]),
+                                generator=self.generator,
+                                device=self.generator.device if self.generator is not None else "cpu")
+                have = z if have is None else torch.cat([have, z])
+            out, self.buffer = have[:k], (have[k:] if len(have) > k else None)
+        self.given += k
+        return out.to(self.device)
+
+
+def mask_difference(predict_noise: PredictNoise, sampler: DDIM, x0: torch.Tensor, noise: NoiseStream, n: int,
+                    t: int, source: torch.Tensor, target: torch.Tensor,
+                    source_uncond: torch.Tensor | None = None, target_uncond: torch.Tensor | None = None,
+                    guidance_scale: float = 1.0, chunk_size: int = 8, keep_per_sample: bool = False,
+                    check: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `mask_noise_predictions` and `mask_maps.noise_difference` compute, streamed: the
+    difference map (B, h, w) = mean over the n samples and the channels of |eps_target - eps_source|,
+    and each sample's map (B, n, h, w) if `keep_per_sample` (else None). The UNet rows of one
+    noise sample (source, target, and with differing negative prompts their unconditional rows)
+    follow each other, `chunk_size` rows per batch; a sample is reduced into the running sum as
+    soon as its rows are predicted, so memory does not depend on n. `check(eps)` sees each batch."""
+    B = x0.shape[0]
+    guided = guidance_scale != 1.0 and source_uncond is not None and target_uncond is not None \
+        and not torch.equal(source_uncond, target_uncond)
+    texts = [source, target] + ([source_uncond, target_uncond] if guided else [])
+    R, total = len(texts), B * n * len(texts)
+    total_sum = torch.zeros(B, *x0.shape[2:], device=x0.device)
+    per_sample = torch.zeros(B, n, *x0.shape[2:], device=x0.device) if keep_per_sample else None
+    noised: dict[int, torch.Tensor] = {}   # sample index (b * n + j) -> its x_t, while its rows are predicted
+    pending: list[torch.Tensor] = []       # eps rows of the samples not yet reduced
+    done = 0                               # samples reduced so far
+    for row in range(0, total, chunk_size):
+        rows = range(row, min(row + chunk_size, total))
+        new = [s for s in dict.fromkeys(r // R for r in rows) if s not in noised]
+        if new:
+            fresh = noise.take(len(new))
+            for s, z in zip(new, fresh):
+                noised[s] = sampler.add_noise(x0[s // n], z, t)
+        eps = predict_noise(torch.stack([noised[r // R] for r in rows]), t,
+                            torch.stack([texts[r % R][r // R // n] for r in rows]))
+        if check is not None:
+            check(eps)
+        pending.extend(eps)
+        while len(pending) >= R:
+            e, pending = pending[:R], pending[R:]
+            eps_t, eps_s = (classifier_free_guidance(e[3], e[1], guidance_scale),
+                            classifier_free_guidance(e[2], e[0], guidance_scale)) if guided else (e[1], e[0])
+            d = (eps_t.float() - eps_s.float()).abs().mean(dim=0)  # (h, w)
+            b, j = divmod(done, n)
+            total_sum[b] += d
+            if per_sample is not None:
+                per_sample[b, j] = d
+            del noised[done]
+            done += 1
+    return total_sum / n, per_sample
+
+
 # ------------------------------------------------------------------ DiffEdit step 2: encoding
 
 def ddim_invert(predict_noise: PredictNoise, sampler: DDIM, x0: torch.Tensor,

@@ -22,14 +22,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffedit import method
+from diffedit import host_memory, method
+from diffedit.arguments import check_finite, check_prompt_pairs, door, prompts
 from diffedit.checkpoints.loading import StableDiffusion, load_model
 from diffedit.devices import parse_device, parse_dtype
-from diffedit.errors import ModelLoadError, NumericalError, ParameterError, PromptError
+from diffedit.errors import ModelLoadError, ParameterError
 from diffedit.io.images import as_pil, fit_to_model, load_image, restore
 from diffedit.io.pictures import latent_mask_of, mask_to_pil
-from diffedit.mask_maps import mask_maps, per_sample_difference
-from diffedit.models import packed_conv
+from diffedit.mask_maps import maps_of_difference
+from diffedit.models import packed_conv, packed_linear
 from diffedit.models.vae import decode_sliced, encode_sliced
 from diffedit.results import (
     DiffEditResult,
@@ -39,7 +40,10 @@ from diffedit.results import (
     MaskResult,
 )
 from diffedit.sampler import DDIM
-from diffedit.settings import DEFAULT, checked
+from diffedit.settings import DEFAULT
+
+__all__ = ["DiffEditPipeline", "check_prompt_pairs"]
+PER_SAMPLE_UP_TO = 64  # MaskResult.per_sample is kept up to this n unless asked (memory grows with n)
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "weights" / "shapes-64"
 ImageInput = "str | os.PathLike | PIL.Image.Image | torch.Tensor | EncodedImage"
@@ -74,23 +78,32 @@ class DiffEditPipeline:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype = torch.float32, variant: str | None = None,
-                        preset: str | None = None, pack_convolutions: bool = True) -> "DiffEditPipeline":
+                        preset: str | None = None, pack_convolutions: bool = True,
+                        linear_backend: str | None = None) -> "DiffEditPipeline":
         """Load a diffusers-layout folder, a single original-layout file or a hub id (None: the
         small model embedded in the repository). On the CPU the UNet's and VAE's 3x3 convolutions
         keep their weights in oneDNN's layout (models/packed_conv.py: same results up to rounding,
-        faster; figures in the README); pack_convolutions=False keeps plain `nn.Conv2d`s."""
+        faster; figures in the README); pack_convolutions=False keeps plain `nn.Conv2d`s. The
+        linear layers of all three models run on `linear_backend` ("auto", "torch", "onednn";
+        None: the DIFFEDIT_CPU_LINEAR variable, else "auto"; models/packed_linear.py)."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
+        linear = packed_linear.linear_backend(device, dtype, linear_backend)  # refuses before loading
         if path_or_id is None and not EMBEDDED_MODEL.is_dir():
             raise ModelLoadError(f"the embedded model {EMBEDDED_MODEL} is not installed; pass a model folder, a "
                                  "checkpoint file or a hub id (--model on the command line).")
-        model = load_model(EMBEDDED_MODEL if path_or_id is None else path_or_id, device, dtype, variant, preset)
-        if dtype == torch.bfloat16 and device.type == "cpu":
-            model.unet.to(memory_format=torch.channels_last)
-            model.vae.to(memory_format=torch.channels_last)
-        if pack_convolutions and packed_conv.can_pack(device, dtype):
-            packed_conv.pack_convolutions(model.unet)
-            packed_conv.pack_convolutions(model.vae)
+        with host_memory.big_blocks_mapped():  # no heap holes from loading and repacking (host_memory.py)
+            model = load_model(EMBEDDED_MODEL if path_or_id is None else path_or_id, device, dtype, variant, preset)
+            if dtype == torch.bfloat16 and device.type == "cpu":
+                model.unet.to(memory_format=torch.channels_last)
+                model.vae.to(memory_format=torch.channels_last)
+            if pack_convolutions and packed_conv.can_pack(device, dtype):
+                packed_conv.pack_convolutions(model.unet)
+                packed_conv.pack_convolutions(model.vae)
+            if linear == "onednn":
+                for network in (model.unet, model.vae, model.text_encoder):
+                    packed_linear.pack_linears(network)
+        host_memory.release_free_heap()
         return cls(model, device, dtype)
 
     # ------------------------------------------------------------------ model calls
@@ -120,6 +133,7 @@ class DiffEditPipeline:
             out = self.scheduler.predict_x0_and_eps(out, x_t, t if level is None else level, "v_prediction")[1]
         return out
 
+    @door
     def encode_image(self, image, sample_posterior: bool = False, generator: torch.Generator | None = None,
                      resolution: int | None = None) -> EncodedImage:
         """Load, fit to a multiple of 8 and VAE-encode one image or a list of same-size images.
@@ -154,7 +168,7 @@ class DiffEditPipeline:
             z = posterior.sample(generator) if sample_posterior else posterior.mean
         self.counters.vae_encodes += pixels.shape[0]
         latents = z.float() * self.config.vae.scaling_factor
-        _check_finite(latents, "the VAE encoding")
+        check_finite(latents, "the VAE encoding", self.dtype)
         if key is not None:
             self._latent_cache[key] = latents
             if len(self._latent_cache) > 16:
@@ -167,12 +181,12 @@ class DiffEditPipeline:
         with torch.inference_mode():
             pixels = decode_sliced(self.vae, z).float()
         self.counters.vae_decodes += latents.shape[0]
-        _check_finite(pixels, "the VAE decoding")
+        check_finite(pixels, "the VAE decoding", self.dtype)
         return pixels.clamp(-1, 1)
 
     # ------------------------------------------------------------------ DiffEdit step 1
 
-    @checked
+    @door
     def generate_mask(self, image, source_prompt: str | Sequence[str] = "", target_prompt: str | Sequence[str] = "",
                       *, num_samples: int = DEFAULT["mask_samples"],
                       noise_strength: float = DEFAULT["mask_noise_strength"],
@@ -185,7 +199,7 @@ class DiffEditPipeline:
                       blur: float = DEFAULT["blur"], dilate: int = DEFAULT["dilate"],
                       chunk_size: int | None = DEFAULT["chunk_size"],
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                      resolution: int | None = None) -> MaskResult:
+                      resolution: int | None = None, return_per_sample: bool | None = None) -> MaskResult:
         """The mask (paper step 1): noise the image `num_samples` times to `noise_strength` (the
         timestep of that strength on the `num_inference_steps` grid), compare the noise
         predicted under `target_prompt` (the query) and `source_prompt` (a caption, or "").
@@ -197,36 +211,36 @@ class DiffEditPipeline:
         means "" for the other). `noise` (B, n, C, h, w), if given, replaces the n samples drawn
         from `generator` (and sets n). UNet batches hold at most `chunk_size` rows (default: 2
         on the CPU, where the packed UNet costs the same per sample at batch 2 as at 8 and 10
-        and the decoding runs at batch 2 too, so the weights stay packed for one shape; 8 on GPUs)."""
+        and the decoding runs at batch 2 too, so the weights stay packed for one shape; 8 on GPUs).
+        The samples are streamed, so memory does not depend on n; the per-sample maps (B, n, h, w)
+        are kept with return_per_sample=True, by default (None) only up to n = PER_SAMPLE_UP_TO."""
         if chunk_size is None:
             chunk_size = 2 if self.device.type == "cpu" else 8
         encoded = self.encode_image(image, resolution=resolution)
         B = encoded.latents.shape[0]
-        sources, targets = _prompts(source_prompt, B, "source_prompt"), _prompts(target_prompt, B, "target_prompt")
+        sources, targets = prompts(source_prompt, B, "source_prompt"), prompts(target_prompt, B, "target_prompt")
         check_prompt_pairs(sources, targets)
-        pairs = self.scheduler.step_pairs(num_inference_steps, noise_strength)
-        t = pairs[0][0]
+        t = self.scheduler.step_pairs(num_inference_steps, noise_strength, "noise_strength")[0][0]
         x0 = encoded.latents
-        if noise is None:
-            noise = torch.randn((B, num_samples, *x0.shape[1:]), generator=generator,
-                                device=generator.device if generator is not None else "cpu").to(x0.device)
-        elif noise.dim() != 5 or noise.shape[0] != B or noise.shape[2:] != x0.shape[1:]:
+        if noise is not None and (noise.dim() != 5 or noise.shape[0] != B or noise.shape[2:] != x0.shape[1:]):
             raise ParameterError(f"noise must have shape (batch, samples, {', '.join(map(str, x0.shape[1:]))}) for "
                                  f"these images, got {tuple(noise.shape)}; or pass no noise and a generator.")
+        n = num_samples if noise is None else noise.shape[1]
         uncond = [None, None]  # one negative prompt given means the other is "" (unconditional)
         if guidance_scale != 1.0 and (source_negative_prompt, target_negative_prompt) != (None, None):
-            uncond = [self.encode_prompt(_prompts(negative if negative is not None else "", B, "negative prompt"))
+            uncond = [self.encode_prompt(prompts(negative if negative is not None else "", B, "negative prompt"))
                       for negative in (source_negative_prompt, target_negative_prompt)]
-        eps_target, eps_source = method.mask_noise_predictions(
-            self.predict_noise, self.scheduler, x0, noise, t, self.encode_prompt(sources), self.encode_prompt(targets),
-            uncond[0], uncond[1], guidance_scale, chunk_size)
-        for eps in (eps_target, eps_source):
-            _check_finite(eps, f"the mask's noise predictions (t={int(t)})")
-        maps = mask_maps(eps_target, eps_source, normalization, threshold, clamp_std, mean_ratio, blur, dilate)
+        difference, per_sample = method.mask_difference(
+            self.predict_noise, self.scheduler, x0, method.NoiseStream((B, n, *x0.shape[1:]), generator, x0.device,
+                                                                       noise), n, t,
+            self.encode_prompt(sources), self.encode_prompt(targets), uncond[0], uncond[1], guidance_scale, chunk_size,
+            n <= PER_SAMPLE_UP_TO if return_per_sample is None else return_per_sample,
+            check=lambda eps: check_finite(eps, f"the mask's noise predictions (t={int(t)})", self.dtype))
+        maps = maps_of_difference(difference, normalization, threshold, clamp_std, mean_ratio, blur, dilate)
         soft = maps.soft
         return MaskResult(
             mask=maps.mask, soft=soft, difference=maps.difference,
-            per_sample=per_sample_difference(eps_target, eps_source), timestep=int(t),
+            per_sample=per_sample, timestep=int(t),
             threshold=threshold, encoded=encoded,
             # pixel masks: the soft map upsampled bilinearly, then thresholded (no blocky edge)
             mask_images=[mask_to_pil(soft[b], g, threshold=threshold) for b, g in enumerate(encoded.geometry)],
@@ -234,7 +248,7 @@ class DiffEditPipeline:
 
     # ------------------------------------------------------------------ DiffEdit step 2
 
-    @checked
+    @door
     def invert(self, image, prompt: str | Sequence[str] = "", *, strength: float = DEFAULT["strength"],
                num_inference_steps: int = DEFAULT["num_inference_steps"],
                guidance_scale: float = DEFAULT["inversion_guidance_scale"], negative_prompt: str | Sequence[str] | None = None,
@@ -246,22 +260,21 @@ class DiffEditPipeline:
         encoded = self.encode_image(image, sample_posterior=sample_posterior, generator=generator,
                                     resolution=resolution)
         B = encoded.latents.shape[0]
-        prompts = _prompts(prompt, B, "prompt", allow_empty=True)
-        negatives = _prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt",
-                             allow_empty=True)
+        texts = prompts(prompt, B, "prompt")
+        negatives = prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt")
         pairs = self.scheduler.inverse_pairs(num_inference_steps, strength)
         uncond = self.encode_prompt(negatives) if guidance_scale != 1.0 else None
         latents = method.ddim_invert(self.predict_noise, self.scheduler, encoded.latents, pairs,
-                                     self.encode_prompt(prompts), uncond, guidance_scale,
-                                     callback=_finite_callback("inversion", callback))
+                                     self.encode_prompt(texts), uncond, guidance_scale,
+                                     callback=_finite_callback(self.dtype, callback))
         return Inversion(latents=torch.stack(latents, dim=1), timesteps=[int(t) for _, t in pairs],
-                         num_inference_steps=num_inference_steps, strength=strength, prompt=prompts,
+                         num_inference_steps=num_inference_steps, strength=strength, prompt=texts,
                          guidance_scale=guidance_scale, negative_prompt=negatives if uncond is not None else None,
                          encoded=encoded)
 
     # ------------------------------------------------------------------ DiffEdit step 3
 
-    @checked
+    @door
     def edit(self, inversion: Inversion, mask, prompt: str | Sequence[str], *, strength: float | None = None,
              num_inference_steps: int | None = None, guidance_scale: float = DEFAULT["guidance_scale"],
              negative_prompt: str | Sequence[str] | None = None, blend: str = DEFAULT["blend"],
@@ -283,9 +296,8 @@ class DiffEditPipeline:
         encoded = inversion.encoded
         B = encoded.latents.shape[0]
         x0 = encoded.latents
-        prompts = _prompts(prompt, B, "prompt")
-        negatives = _prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt",
-                             allow_empty=True)
+        texts = prompts(prompt, B, "prompt")
+        negatives = prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt")
         pairs = self.scheduler.step_pairs(steps, strength)
         latent_mask = latent_mask_of(mask, x0, soft_mask) if use_mask else None
         if encode:
@@ -298,9 +310,9 @@ class DiffEditPipeline:
                 return self.scheduler.add_noise(x0, fresh, t)
         y = reference(pairs[0][0])
         uncond = self.encode_prompt(negatives) if guidance_scale != 1.0 else None
-        y = method.masked_ddim_decode(self.predict_noise, self.scheduler, y, pairs, self.encode_prompt(prompts),
+        y = method.masked_ddim_decode(self.predict_noise, self.scheduler, y, pairs, self.encode_prompt(texts),
                                       uncond, guidance_scale, latent_mask, reference, x0, blend, eta, generator,
-                                      callback=_finite_trace(callback))
+                                      callback=_finite_trace(self.dtype, callback))
         pixels = self.decode_latents(y)
         images = [restore(pixels[b], g) for b, g in enumerate(encoded.geometry)]
         settings = dict(strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, blend=blend,
@@ -310,7 +322,7 @@ class DiffEditPipeline:
 
     # ------------------------------------------------------------------ one shot
 
-    @checked
+    @door
     def __call__(self, image, source_prompt: str | Sequence[str] = "", target_prompt: str | Sequence[str] = "", *,
                  strength: float = DEFAULT["strength"], num_inference_steps: int = DEFAULT["num_inference_steps"],
                  guidance_scale: float = DEFAULT["guidance_scale"], negative_prompt: str | Sequence[str] | None = None,
@@ -324,6 +336,8 @@ class DiffEditPipeline:
         `callback` receives a method.StepTrace per decoding step."""
         before = self.counters.as_dict()
         self.scheduler.step_pairs(num_inference_steps, strength)
+        if mask is None and use_mask:
+            self.scheduler.step_pairs(num_inference_steps, mask_noise_strength, "mask_noise_strength")
         encoded = self.encode_image(image, resolution=resolution)
         if mask is None and use_mask:
             mask = self.generate_mask(encoded, source_prompt, target_prompt, num_samples=num_mask_samples,
@@ -344,46 +358,18 @@ class DiffEditPipeline:
 
 # ---------------------------------------------------------------------- helpers
 
-def _prompts(prompt, batch: int, name: str, allow_empty: bool = True) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not all(isinstance(p, str) for p in prompts):
-        raise PromptError(f"{name} must be a string or a list of strings.")
-    if len(prompts) == 1 and batch > 1:
-        prompts = prompts * batch
-    if len(prompts) != batch:
-        raise PromptError(f"{len(prompts)} {name}s for {batch} images; give one per image or a single one.")
-    return [" ".join(p.split()) for p in prompts]
-
-
-def check_prompt_pairs(sources: Sequence[str], targets: Sequence[str]) -> None:
-    """Refuse an empty target, and a target equal to its source: the noise predictions would be
-    equal, the mask empty and nothing edited. Prompts are compared whitespace-normalised."""
-    for source, target in zip(sources, targets):
-        source, target = " ".join(source.split()), " ".join(target.split())
-        if not target:
-            raise PromptError("the target prompt is empty; say what the edited image should show (e.g. 'a dog').")
-        if source == target:
-            raise PromptError(f"the source and target prompts are the same ({target!r}), so the mask would be empty "
-                              "and nothing would change; give a target that differs from the source.")
-
-
-def _check_finite(x: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(x).all():
-        raise NumericalError(f"NaN or inf appeared in {where}; the model overflowed in this precision: "
-                             "use dtype='bf16' or 'fp32'.")
-
-
-def _finite_callback(phase: str, user: Callable | None) -> Callable:
+def _finite_callback(dtype: torch.dtype, user: Callable | None) -> Callable:
+    """The inversion's per-step callback: every latent checked finite, then the user's callback."""
     def check(i: int, t: int, x: torch.Tensor) -> None:
-        _check_finite(x, f"the {phase} latents at step {i + 1} (t={int(t)})")
+        check_finite(x, f"the inversion latents at step {i + 1} (t={int(t)})", dtype)
         if user is not None:
             user(i, t, x)
     return check
 
 
-def _finite_trace(user: Callable | None) -> Callable:
+def _finite_trace(dtype: torch.dtype, user: Callable | None) -> Callable:
     def check(trace: method.StepTrace) -> None:
-        _check_finite(trace.y_t, f"the decoding latents at step {trace.index + 1} (t={trace.t})")
+        check_finite(trace.y_t, f"the decoding latents at step {trace.index + 1} (t={trace.t})", dtype)
         if user is not None:
             user(trace)
     return check

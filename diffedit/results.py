@@ -26,7 +26,8 @@ class MaskResult:
     mask: torch.Tensor              # (B, h, w) bool: the binary mask at latent resolution
     soft: torch.Tensor              # (B, h, w) float32 in [0, 1]: the normalised map
     difference: torch.Tensor        # (B, h, w) float32: mean |eps_target - eps_source|
-    per_sample: torch.Tensor        # (B, n, h, w) float32: |eps_target - eps_source| of each noise sample
+    per_sample: torch.Tensor | None  # (B, n, h, w) float32: |eps_target - eps_source| of each noise sample;
+                                     # None unless return_per_sample=True or n <= 64 (it grows with n)
     timestep: int                   # the timestep the image was noised to
     threshold: float                # the threshold that made `mask` from `soft`
     mask_images: list[Image.Image]  # binary masks at each input's size (mode "L", 0 or 255)

@@ -99,11 +99,11 @@ class DDIM:
 
     # ------------------------------------------------------------------ the grid
 
-    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+    def timesteps(self, num_inference_steps: int, steps_name: str = "num_inference_steps") -> torch.Tensor:
         """The n grid timesteps, descending (Lin et al. 2024, Table 2 for the three spacings)."""
         T, n, spacing = self.num_train_timesteps, num_inference_steps, self.config.timestep_spacing
         if not 1 <= n <= T:
-            raise ParameterError(f"num_inference_steps must be between 1 and {T} (the schedule's length), got {n}.")
+            raise ParameterError(f"{steps_name} must be between 1 and {T} (the schedule's length), got {n}.")
         j = torch.arange(n, dtype=torch.float64)
         if spacing == "leading":    # multiples of T // n from 0, shifted by steps_offset
             t = (torch.arange(n) * (T // n) + self.config.steps_offset).flip(0)
@@ -118,19 +118,21 @@ class DDIM:
                                  f"{int(t[0])}, past the schedule's last timestep {T - 1}; use fewer steps.")
         return t
 
-    def num_steps(self, num_inference_steps: int, strength: float) -> int:
-        """k = min(int(n * strength), n): the steps a strength keeps (diffusers' DiffEdit get_timesteps)."""
-        check("strength", strength)
+    def num_steps(self, num_inference_steps: int, strength: float, name: str = "strength") -> int:
+        """k = min(int(n * strength), n): the steps a strength keeps (diffusers' DiffEdit get_timesteps).
+        `name` is the caller's name of the strength in messages (e.g. noise_strength, --mask-noise)."""
+        check("strength", strength, name)
         k = min(int(num_inference_steps * strength), num_inference_steps)
         if k < 1:
-            raise ParameterError(f"strength {strength} leaves no step out of {num_inference_steps} "
-                                 "(int(steps * strength) = 0); raise the strength or the number of steps.")
+            raise ParameterError(f"{name} {strength} leaves no step out of {num_inference_steps} "
+                                 f"(int(steps * {name}) = 0); raise {name} or the number of steps.")
         return k
 
-    def step_pairs(self, num_inference_steps: int, strength: float = 1.0) -> list[tuple[int, int]]:
+    def step_pairs(self, num_inference_steps: int, strength: float = 1.0, name: str = "strength",
+                   steps_name: str = "num_inference_steps") -> list[tuple[int, int]]:
         """(t, t_prev) of the last k grid steps, in decoding order; the last t_prev is -1."""
-        grid = self.timesteps(num_inference_steps).tolist()  # first: a bad step count is named as such
-        k = self.num_steps(num_inference_steps, strength)
+        grid = self.timesteps(num_inference_steps, steps_name).tolist()  # first: a bad step count is named as such
+        k = self.num_steps(num_inference_steps, strength, name)
         return list(zip(grid, grid[1:] + [-1]))[len(grid) - k:]
 
     def inverse_pairs(self, num_inference_steps: int, strength: float = 1.0) -> list[tuple[int, int]]:

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference_models import TINY
 
-from diffedit.research import figures as F
 from diffedit.errors import ParameterError
 from diffedit.pipeline import DiffEditPipeline
-from diffedit.shapes.world import heldout_edits
-from diffedit.research.sweep import add_arguments, run, run_sweep
+from diffedit.research import figures as F
+from diffedit.research.command import add_arguments, run
+from diffedit.research.sweep import run_sweep
 from diffedit.research.table import read_rows
-from reference_models import TINY
+from diffedit.shapes.world import heldout_edits
 
 CELL = 64
 

@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from diffedit.models.config import PRESETS, SchedulerConfig
-from diffedit.errors import ParameterError
+from diffedit.errors import ModelLoadError, ParameterError
 from diffedit.sampler import DDIM, classifier_free_guidance
 
 TOL = 1e-6  # max abs difference allowed against the oracles (latents of unit scale, fp32)
@@ -271,7 +271,7 @@ def test_bad_strengths_raise_one_sentence(strength):
 @pytest.mark.parametrize("bad", (dict(timestep_spacing="karras"), dict(beta_schedule="sigmoid"),
                                  dict(trained_betas=[0.1, 0.2])))
 def test_unsupported_schedules_raise(bad):
-    with pytest.raises(ParameterError):
+    with pytest.raises(ModelLoadError):  # refused when the scheduler config is read (issue 18)
         ours(bad)
 
 

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference_models import TINY
 
-from diffedit.research import metrics as M
 from diffedit.errors import OutputFileError, ParameterError
 from diffedit.pipeline import DiffEditPipeline
-from diffedit.shapes.world import heldout_edits
+from diffedit.research import metrics as M
+from diffedit.research.command import add_arguments, run
 from diffedit.research.plan import AXES, SweepConfig, comparable, effective_settings
-from diffedit.research.sweep import add_arguments, run, run_sweep
+from diffedit.research.sweep import run_sweep
 from diffedit.research.table import RESULTS, read_rows
-from reference_models import TINY
+from diffedit.shapes.world import heldout_edits
 
 
 @pytest.fixture

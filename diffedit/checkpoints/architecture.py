@@ -136,10 +136,15 @@ def measure_checkpoint(state_dict: StateDict) -> dict[str, dict[str, Any]]:
 
 
 def _shape(state_dict: StateDict, key: str, what: str) -> torch.Size:
+    """The shape of a weight the config is read from: a matrix or a convolution (2 to 4 dimensions)."""
     if key not in state_dict:
         raise ModelLoadError(f"the checkpoint has no {what} weights ({key} is missing); "
                              "it is not a complete original-layout SD 1.x/2.x file.")
-    return state_dict[key].shape
+    shape = state_dict[key].shape
+    if not 2 <= len(shape) <= 4 or 0 in shape:
+        raise ModelLoadError(f"the checkpoint's {what} weight {key} has shape {tuple(shape)}, not that of a "
+                             "matrix or convolution; the file is damaged or of another architecture.")
+    return shape
 
 
 def _measure_unet(sd: StateDict) -> dict[str, Any]:

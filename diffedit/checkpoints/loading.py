@@ -25,6 +25,7 @@ from diffedit.checkpoints.model_io import (
     rename_vae_key,
 )
 from diffedit.errors import ModelLoadError
+from diffedit.io.files import path_kind
 from diffedit.models.clip import TextEncoder
 from diffedit.models.config import (
     ModelConfig,
@@ -61,18 +62,42 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
     `variant` picks e.g. the "fp16" files of a diffusers folder; `preset` ("sd1", "sd2-base",
     "sd2-v") says what a single original-layout file is, when its weights cannot tell (SD 2
     epsilon vs v-prediction)."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise ModelLoadError(f"the model must be a folder, a checkpoint file or a hub id (a string or path), "
+                             f"not {type(path_or_id).__name__} {path_or_id!r:.40}.")
     source = str(path_or_id)
     path = Path(source).expanduser()
-    if path.is_dir():
+    kind = path_kind(path)
+    is_hub_id = kind == "missing" and HUB_ID.match(source) is not None and not source.startswith((".", "/", "~"))
+    if (kind == "dir" or is_hub_id) and preset is not None:
+        raise ModelLoadError(f"preset {preset!r} applies only to a single checkpoint file; {source} is a "
+                             f"{'folder' if kind == 'dir' else 'hub id'} whose config files say what it is: "
+                             "leave out the preset (--preset).")
+    if kind == "dir":
         return _load_folder(path, device, dtype, variant, source)
-    if path.is_file():
+    if kind == "file":
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path} is not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)}).")
         return _load_single_file(path, device, dtype, preset, source)
-    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        return _load_folder(resolve_hub_id(source, variant), device, dtype, variant, source)
+    if kind != "missing":
+        raise ModelLoadError(f"the model path {source} is {kind}, not a model folder or checkpoint file; pass a "
+                             "diffusers-layout folder, a .safetensors/.ckpt file or a hub id.")
+    if is_hub_id:
+        return _load_folder(resolve_hub_id(check_hub_id(source), variant), device, dtype, variant, source)
     raise ModelLoadError(f"{source} is neither an existing folder or file nor a hub id like "
                          "'stable-diffusion-v1-5/stable-diffusion-v1-5'; check the path.")
+
+
+def check_hub_id(repo_id: str) -> str:
+    """`repo_id` if the Hub would accept it as a repository name, else ModelLoadError (e.g. 'org/name..')."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ModelLoadError(f"{repo_id!r} is not a valid hub id (names use letters, digits, '-', '_' and '.', "
+                             "with no '--' or '..' and no '.' or '-' at either end) nor an existing path; "
+                             "check the spelling.") from None
+    return repo_id
 
 
 def _load_folder(folder: Path, device, dtype, variant, source: str) -> StableDiffusion:
@@ -81,10 +106,10 @@ def _load_folder(folder: Path, device, dtype, variant, source: str) -> StableDif
         raise ModelLoadError(f"{folder} is not a complete diffusers-layout model: missing {', '.join(missing)}/ "
                              f"(expected {', '.join(c + '/' for c in COMPONENTS)}).")
     config = ModelConfig(
-        text_encoder=TextEncoderConfig.from_dict(read_json(folder / "text_encoder" / "config.json")),
-        vae=VAEConfig.from_dict(read_json(folder / "vae" / "config.json")),
-        unet=UNetConfig.from_dict(read_json(folder / "unet" / "config.json")),
-        scheduler=SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json")),
+        text_encoder=_read_config(TextEncoderConfig, folder / "text_encoder" / "config.json"),
+        vae=_read_config(VAEConfig, folder / "vae" / "config.json"),
+        unet=_read_config(UNetConfig, folder / "unet" / "config.json"),
+        scheduler=_read_config(SchedulerConfig, folder / "scheduler" / "scheduler_config.json"),
     )
     tokenizer = Tokenizer.from_folder(folder / "tokenizer")
     config = replace(config, tokenizer=TokenizerConfig(max_length=tokenizer.max_length,
@@ -97,6 +122,15 @@ def _load_folder(folder: Path, device, dtype, variant, source: str) -> StableDif
         "unet": read_component(folder / "unet", variant),
     }
     return _assemble(config, tokenizer, weights, device, dtype, source)
+
+
+def _read_config(cls, path: Path):
+    """One component's config, checked when read (types, ranges, structure); errors name the file."""
+    data = read_json(path)
+    try:
+        return cls.from_dict(data)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
 
 
 def _load_single_file(path: Path, device, dtype, preset: str | None, source: str,

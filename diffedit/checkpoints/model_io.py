@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import pickletools
 import re
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
@@ -101,12 +103,16 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
             header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelLoadError(f"{bad} (unreadable header: corrupt or truncated); download it again.") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{bad} (its header is a JSON {type(header).__name__}, not an object); download it again.")
     start, tensors = 8 + header_len, {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
         try:
             dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
+            if not all(_is_count(v) for v in (*shape, begin, end)):
+                raise TypeError(key)
         except (KeyError, TypeError, ValueError):
             raise ModelLoadError(f"{bad} (entry {key!r} is malformed); download it again.") from None
         nbytes = torch.Size(shape).numel() * dtype.itemsize
@@ -117,6 +123,11 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
                                  "download it again.")
         tensors[key] = LazyTensor(path, start + begin, dtype, shape)
     return tensors
+
+
+def _is_count(value) -> bool:
+    """A non-negative int (not a bool, not a string): what shapes and offsets must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_state_dict(path: str | Path, lazy: bool = False) -> StateDict:
@@ -139,19 +150,57 @@ def _torch_load(path: Path) -> StateDict:
             if "mmap" not in str(e) and "zip" not in str(e):
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path} is a pickle that asks to run code or build objects other than tensors "
-            f"({_first_line(e, 'refused')}); it was refused and nothing was executed: use a .safetensors "
-            "file, or convert this one only if you trust its source.") from None
-    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError) as e:
-        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated: "
-                             f"{_first_line(e)}); download it again.") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # torch's loaders raise EOFError, KeyError, RuntimeError, BadZipFile... on damaged data
+        if isinstance(e, pickle.UnpicklingError) and _asks_for_objects(path):
+            raise UnsafeCheckpointError(
+                f"{path} is a pickle that asks to run code or build objects other than tensors; it was refused and "
+                "nothing was executed: use a .safetensors file, or convert this one only if you trust its source."
+            ) from None
+        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated, or another kind "
+                             "of file); download it again or pass a .safetensors file.") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]  # Lightning-style wrapper of the original SD checkpoints
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} holds a {type(data).__name__}, not a dictionary of tensors.")
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+_SAFE_MODULES = ("torch", "collections", "_codecs", "builtins", "numpy")  # what torch's weights_only may rebuild
+_OBJECT_OPS = {"GLOBAL", "STACK_GLOBAL", "INST"}
+
+
+def _asks_for_objects(path: Path, limit: int = 64 << 20) -> bool:
+    """True if the file holds well-formed pickles naming a callable outside torch's tensor world
+    (a pickle that asks to run code); False for bytes that are no pickle at all (damaged file,
+    random data, a text file, an empty zip). Read with pickletools: nothing is executed."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                streams = [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
+        else:
+            with open(path, "rb") as f:
+                streams = [f.read(limit)]  # legacy format: the pickles come first, then raw storages
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return False
+    for data in streams:
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):
+            strings, names = [], []
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(strings[-2])
+                    elif op.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).split(" ")[0])
+            except Exception:  # not (or no longer) a pickle: stop reading this stream
+                break
+            if any(not name.split(".")[0] in _SAFE_MODULES for name in names):
+                return True
+    return False
 
 
 def _first_line(e: BaseException, default: str = "") -> str:
@@ -166,7 +215,8 @@ WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 def find_weights(folder: Path, variant: str | None = None) -> list[Path]:
     """The weight file(s) of one diffusers/transformers component folder, safetensors first;
-    sharded checkpoints (`*.index.json`) give all their shards."""
+    sharded checkpoints (`*.index.json`) give all their shards (plain file names of the same
+    folder: a shard named by a path, e.g. `../../etc/passwd`, is refused)."""
     infix = f".{variant}" if variant else ""
     for suffix in (".safetensors", ".bin"):
         for name in WEIGHT_NAMES:
@@ -175,14 +225,34 @@ def find_weights(folder: Path, variant: str | None = None) -> list[Path]:
                 return [single]
             index = folder / f"{name}{infix}{suffix}.index.json"
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [folder / s for s in shards]
+                return [folder / shard for shard in shard_names(index)]
     if variant:
         hint = f" (no '{variant}' variant: try without variant)" if find_weights(folder) else ""
     else:
         hint = ""
     raise ModelLoadError(f"no weights in {folder}{hint}; expected diffusion_pytorch_model.safetensors, "
                          "model.safetensors or a .bin of the same name.")
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's index lists in its weight_map, each checked to
+    be a plain file name inside the index's own folder."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index} has no weight_map (tensor name -> shard file); restore the file or "
+                             "download the model again.")
+    shards = list(dict.fromkeys(v if isinstance(v, str) else repr(v) for v in weight_map.values()))
+    for shard in (v for v in weight_map.values() if not is_plain_name(v)):
+        if not is_plain_name(shard):
+            raise ModelLoadError(f"{index} names the shard {shard!r}, which is not a file name inside {index.parent}; "
+                                 "the index is damaged or malicious: restore it or download the model again.")
+    return shards
+
+
+def is_plain_name(name) -> bool:
+    """A file name with no folder part: what a path built from a file's data may be."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\\" not in name and "\0" not in name
+            and PurePosixPath(name).name == name)
 
 
 def read_component(folder: Path, variant: str | None = None) -> StateDict:
@@ -194,31 +264,42 @@ def read_component(folder: Path, variant: str | None = None) -> StateDict:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object (a config, an index) or ModelLoadError naming the file."""
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing; a diffusers-layout model folder needs it.")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e}); restore the file.") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({_first_line(e)}); restore the file.") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path} ({e.strerror or type(e).__name__}); check its permissions.") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object of settings; restore the file.")
+    return data
 
 
 # ---------------------------------------------------------------- strict, lean loading
 
 def check_state_dict(module: nn.Module, state_dict: StateDict, name: str) -> None:
-    """Raise one error listing missing keys, unexpected keys and shape mismatches."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    """Raise one error listing missing keys, unexpected keys, shape mismatches and integer or bool
+    tensors where the module has floating-point weights."""
+    reference = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in reference.items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong = sorted(f"{k} {tuple(state_dict[k].shape)} (expected {expected[k]})"
                    for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
-    if missing or unexpected or wrong:
+    kind = sorted(f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})" for k in set(expected) & set(state_dict)
+                  if reference[k].is_floating_point() and not state_dict[k].dtype.is_floating_point)
+    if missing or unexpected or wrong or kind:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                             ("not floating point", kind)):
             if items:
                 shown = ", ".join(items[:4]) + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
                 parts.append(f"{label}: {shown}")
         raise ModelLoadError(f"the {name} weights do not fit its config ({'; '.join(parts)}); "
-                             "the checkpoint is of another architecture or the config is wrong.")
+                             "the checkpoint is of another architecture or the config is wrong (or the file is damaged).")
 
 
 def build_module(factory: Callable[[], nn.Module], state_dict: StateDict, name: str,
@@ -235,5 +316,8 @@ def build_module(factory: Callable[[], nn.Module], state_dict: StateDict, name: 
         target = dtype if tensor.dtype.is_floating_point else tensor.dtype
         tensor = tensor.load(target) if isinstance(tensor, LazyTensor) else tensor
         cast[key] = tensor.to(device=device, dtype=target)
+        if target.is_floating_point and not bool(torch.isfinite(cast[key]).all()):
+            raise ModelLoadError(f"the {name} weight {key} holds NaN or inf values, so every result would be NaN; "
+                                 "the checkpoint is damaged: download it again.")
     module.load_state_dict(cast, strict=True, assign=True)
     return module.eval().requires_grad_(False)

@@ -17,9 +17,11 @@ a folder; the target exists and `overwrite` is False.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import stat
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -59,8 +61,69 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], Any], *, ove
     removed and `path` is untouched. Refuses to overwrite an existing file unless `overwrite`,
     and always refuses a path that is (or links to) one of `protected`."""
     path = Path(path).expanduser()
-    folder = path.parent
     check_output(path, overwrite=overwrite, protected=protected)
+    temp = _stage(path, write_fn)
+    try:
+        _publish(temp, path, overwrite)
+    except BaseException as e:
+        with suppress(OSError):
+            os.unlink(temp)
+        if isinstance(e, OSError) and not isinstance(e, DiffEditError):
+            raise OutputFileError(f"could not write {path} ({_reason(e)}); check free disk space "
+                                  "and permissions.") from e
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def write_all_or_none(writes: Iterable[tuple[str | os.PathLike, Callable[[], Any]]], *,
+                      overwrite: bool = False) -> list[Path]:
+    """Several outputs, all or none: each `write()` writes its path atomically, in order; if one
+    fails (an error, Ctrl-C, SIGTERM), those already written are removed again, or put back as
+    they were when `overwrite` replaced them (from a hard-linked backup), and an error of the
+    project's family says that none was written. (SIGKILL leaves complete files only.)"""
+    writes = [(Path(path).expanduser(), write) for path, write in writes]
+    done: list[tuple[Path, Path | None]] = []  # (path, backup of the file it replaced)
+    try:
+        for path, write in writes:
+            backup = _backup(path) if overwrite else None
+            try:
+                write()
+            except BaseException:
+                if backup is not None:
+                    with suppress(OSError):
+                        os.unlink(backup)
+                raise
+            done.append((path, backup))
+    except BaseException as e:
+        for path, backup in reversed(done):
+            with suppress(OSError):
+                os.replace(backup, path) if backup is not None else os.unlink(path)
+        if isinstance(e, DiffEditError) and len(writes) > 1:
+            raise type(e)(f"{str(e).rstrip('.')}; none of the {len(writes)} outputs was written.") from None
+        raise
+    for _, backup in done:
+        if backup is not None:
+            with suppress(OSError):
+                os.unlink(backup)
+    return [path for path, _ in done]
+
+
+def _backup(path: Path) -> Path | None:
+    """A hard link to the file `path` names now (None if there is none or links are not possible)."""
+    if not os.path.isfile(path):
+        return None
+    backup = path.parent / f"{_temp_prefix(path.name)}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.link(path, backup)
+    except OSError:
+        return None
+    return backup
+
+
+def _stage(path: Path, write_fn: Callable[[Any], Any]) -> Path:
+    """Write and fsync the temporary file of `path`; the temp is removed again on any failure."""
+    folder = path.parent
     _remove_stale_temps(folder, path.name)
     temp = folder / f"{_temp_prefix(path.name)}{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -73,7 +136,6 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], Any], *, ove
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        _publish(temp, path, overwrite)
     except BaseException as e:
         with suppress(OSError):
             os.unlink(temp)
@@ -81,8 +143,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], Any], *, ove
             raise OutputFileError(f"could not write {path} ({_reason(e)}); check free disk space "
                                   "and permissions.") from e
         raise
-    _fsync_folder(folder)
-    return path
+    return temp
 
 
 def check_output(path: str | os.PathLike, *, overwrite: bool = False,
@@ -90,21 +151,55 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False,
     """Raise OutputFileError if `atomic_write` would refuse `path`; call it before long work."""
     path = Path(path).expanduser()
     folder = path.parent
-    if not folder.exists():
+    if not path.name or path.name in (".", ".."):
+        raise OutputFileError(f"the output path {str(path)!r} names no file; give a file name such as out.png.")
+    if len(os.fsencode(path.name)) > 255:
+        raise OutputFileError(f"the output file name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes "
+                              "long, more than file systems allow (255); choose a shorter name.")
+    folder_kind = path_kind(folder)
+    if folder_kind == "missing":
         raise OutputFileError(f"the output folder {folder} does not exist; create it first.")
-    if not folder.is_dir():
-        raise OutputFileError(f"{folder} is not a folder; choose an output path inside a folder.")
+    if folder_kind != "dir":
+        raise OutputFileError(f"{folder} is not a folder ({folder_kind}); choose an output path inside a folder.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputFileError(f"the output folder {folder} is not writable; choose another folder or fix "
                               "its permissions.")
     for source in protected:
         if _same_file(path, Path(source).expanduser()):
             raise OutputFileError(f"{path} is one of the inputs ({source}); choose another output name.")
-    if path.is_dir():
+    kind = path_kind(path)
+    if kind == "dir":
         raise OutputFileError(f"{path} is a folder; give a file name for the output.")
+    if kind not in ("file", "missing", "a broken symlink", "a symlink loop"):
+        raise OutputFileError(f"{path} is {kind}, not a file; choose another output name.")
     if os.path.lexists(path) and not overwrite:
         raise OutputFileError(f"{path} already exists; pass overwrite=True (--overwrite) or choose another name.")
     return path
+
+
+def path_kind(path: str | os.PathLike) -> str:
+    """What a path names, without raising: "dir", "file", "missing", or in words what else it is
+    ("a FIFO (named pipe)", "a device", "a symlink loop", "a name too long for the file system"...)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.lexists(path) else "missing"
+    except NotADirectoryError:
+        return "missing"
+    except ValueError:
+        return "not a valid path (it contains a NUL character)"
+    except OSError as e:
+        return {errno.ELOOP: "a symlink loop", errno.ENAMETOOLONG: "a name too long for the file system"}.get(
+            e.errno, f"unreadable ({_reason(e)})")
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
 
 
 def _same_file(a: Path, b: Path) -> bool:

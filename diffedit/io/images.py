@@ -44,6 +44,7 @@ from diffedit.io.files import (  # noqa: F401 (re-exported)
     atomic_write,
     atomic_write_text,
     image_format,
+    write_all_or_none,
 )
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -101,7 +102,7 @@ def _open_fully_decoded(p: Path, max_pixels: int) -> Image.Image:
             f.seek(0)
             image = Image.open(f)
             image.load()
-            return image
+            return first_frame(image, str(p))
     except ImageInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -117,6 +118,20 @@ def _open_fully_decoded(p: Path, max_pixels: int) -> Image.Image:
     except Exception as e:  # decoders raise OSError, SyntaxError, struct.error, ... on damaged data
         raise ImageInputError(f"the image file {p} is truncated or corrupt ({_reason(e)}); "
                               "re-export or re-download it.") from None
+
+
+def first_frame(image: Image.Image, name: str) -> Image.Image:
+    """An animated GIF, WebP or APNG is edited on its first frame, said once (README "Inputs")."""
+    try:
+        frames = getattr(image, "n_frames", 1)
+    except (ValueError, OSError):  # a multi-frame image whose file is closed: its first frame is loaded
+        return image
+    if frames <= 1:
+        return image
+    _warn_once("animated", f"{name} is animated ({frames} frames); only its first frame is edited.")
+    image.seek(0)
+    image.load()
+    return image.copy()
 
 
 def as_pil(image: Any, *, min_side: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -143,6 +158,7 @@ def as_pil(image: Any, *, min_side: int = 8, max_pixels: int = DEFAULT_MAX_PIXEL
 
 
 def _prepare(image: Image.Image, name: str, min_side: int, max_pixels: int) -> Image.Image:
+    image = first_frame(image, name)
     image = _exif_upright(image)
     _check_pixels(image.size, name, max_pixels)
     w, h = image.size
@@ -349,13 +365,27 @@ def save_image(image: Any, path: str | os.PathLike, *, overwrite: bool = False,
                protected: Iterable[str | os.PathLike] = (), quality: int = 95) -> Path:
     """Write an image atomically (files.atomic_write); the format comes from the suffix (.png,
     .jpg/.jpeg, .webp). PIL images keep their mode where the format allows (masks stay 8-bit gray)."""
-    path = Path(path).expanduser()
-    fmt = image_format(path)
+    return save_images({path: image}, overwrite=overwrite, protected=protected, quality=quality)[0]
+
+
+def save_images(images: dict[str | os.PathLike, Any], *, overwrite: bool = False,
+                protected: Iterable[str | os.PathLike] = (), quality: int = 95) -> list[Path]:
+    """Write several images, all or none (files.write_all_or_none): a failure on the last one
+    leaves none of them behind, and files they replaced (overwrite) are put back."""
+    protected = list(protected)
+
+    def writer(path, image):
+        encode = _image_writer(image, path, quality)
+        return lambda: atomic_write(path, encode, overwrite=overwrite, protected=protected)
+    return write_all_or_none([(path, writer(path, image)) for path, image in images.items()], overwrite=overwrite)
+
+
+def _image_writer(image: Any, path: str | os.PathLike, quality: int):
+    fmt = image_format(Path(path))
     picture = image if isinstance(image, Image.Image) else as_pil(image, min_side=1)
     keep = {"PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"), "JPEG": ("L", "RGB"), "WEBP": ("RGB", "RGBA")}
     if picture.mode not in keep[fmt]:
         webp_alpha = fmt == "WEBP" and picture.mode in ALPHA_MODES
         picture = picture.convert("RGBA") if webp_alpha else to_rgb(picture, warn=False)
     options = {"PNG": {}, "JPEG": {"quality": quality}, "WEBP": {"quality": quality}}[fmt]
-    return atomic_write(path, lambda f: picture.save(f, format=fmt, **options), overwrite=overwrite,
-                        protected=protected)
+    return lambda f: picture.save(f, format=fmt, **options)

@@ -134,8 +134,10 @@ def latent_mask_of(mask, x0: torch.Tensor, soft: bool) -> torch.Tensor:
         m = m[None]
     if m.dim() == 3:
         m = m[:, None]
-    if m.dim() != 4 or m.shape[1] != 1:
+    if m.dim() != 4 or m.shape[1] != 1 or m.numel() == 0:
         raise ParameterError(f"a mask must be (h, w), (B, h, w) or (B, 1, h, w); got shape {tuple(m.shape)}.")
+    if not bool(torch.isfinite(m).all()):
+        raise ParameterError("the mask contains NaN or infinite values; pass values in [0, 1] (1 = edit, 0 = keep).")
     if m.min() < 0 or m.max() > 1:
         raise ParameterError("mask values must lie in [0, 1] (1 = edit, 0 = keep); rescale the mask.")
     if m.shape[-2:] != (h, w):

@@ -6,10 +6,73 @@ architectures this project does not implement (SDXL, inpainting UNets, ...)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from diffedit.errors import ModelLoadError
+
+_FIX = "fix the config file or download the model again"
+
+
+class _Read:
+    """Typed reads of one config dict: each value is checked against its kind and range when it
+    is read, or one ModelLoadError names the key, the value and what it must be."""
+
+    def __init__(self, d: Any, what: str):
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"the {what} config is a JSON {type(d).__name__}, not an object of settings; {_FIX}.")
+        self.d, self.what = d, what
+
+    def _bad(self, key: str, value: Any, wanted: str):
+        raise ModelLoadError(f"the {self.what} config's {key} is {value!r}, not {wanted}; {_FIX}.")
+
+    def int(self, key: str, default: int, low: int = 1, value: Any = None) -> int:
+        v = self.d.get(key, default) if value is None else value
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            self._bad(key, v, f"an integer >= {low}")
+        return v
+
+    def float(self, key: str, default: float, low: float | None = 0.0, high: float | None = None) -> float:
+        v = self.d.get(key, default)
+        if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                or (low is not None and v <= low) or (high is not None and v >= high)):
+            self._bad(key, v, "a finite number" + (f" above {low:g}" if low is not None else "")
+                      + (f" below {high:g}" if high is not None else ""))
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.d.get(key, default)
+        if not isinstance(v, bool):
+            self._bad(key, v, "true or false")
+        return v
+
+    def str(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        v = self.d.get(key, default)
+        if v not in choices:
+            self._bad(key, v, f"one of {', '.join(choices)}")
+        return v
+
+    def names(self, key: str, default: list[str], count: int | None = None) -> list[str]:
+        v = self.d.get(key, default)
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v) or \
+                (count is not None and len(v) != count):
+            self._bad(key, v, "a list of block type names" + (f", one per level ({count})" if count else ""))
+        return list(v)
+
+    def ints(self, key: str, default: Any, value: Any = None) -> tuple[int, ...]:
+        v = self.d.get(key, default) if value is None else value
+        if not isinstance(v, (list, tuple)) or not v:
+            self._bad(key, v, "a non-empty list of integers")
+        return tuple(self.int(key, 0, value=x) for x in v)
+
+
+def _structure(what: str, rules: list[tuple[bool, str]]) -> None:
+    """Raise ModelLoadError with the first broken structural rule of a config (the rules a model
+    of these sizes needs to be built: group norms and attention heads that divide the widths...)."""
+    for ok, message in rules:
+        if not ok:
+            raise ModelLoadError(f"the {what} config's {message}; {_FIX}.")
 
 
 @dataclass(frozen=True)
@@ -26,21 +89,26 @@ class TextEncoderConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TextEncoderConfig":
         """From a transformers `CLIPTextConfig` json (text_encoder/config.json)."""
-        if "text_config" in d:  # a full CLIPConfig: take its text tower
+        if isinstance(d, dict) and "text_config" in d:  # a full CLIPConfig: take its text tower
             d = d["text_config"]
-        activation = d.get("hidden_act", "quick_gelu")
-        if activation not in ("quick_gelu", "gelu"):
-            raise ModelLoadError(f"text encoder activation {activation!r} is not supported (quick_gelu or gelu).")
+        r = _Read(d, "text encoder")
+        if d.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+            raise ModelLoadError(f"text encoder activation {d['hidden_act']!r} is not supported (quick_gelu or gelu).")
         return cls(
-            vocab_size=d.get("vocab_size", 49408),
-            max_length=d.get("max_position_embeddings", 77),
-            width=d.get("hidden_size", 512),
-            layers=d.get("num_hidden_layers", 12),
-            heads=d.get("num_attention_heads", 8),
-            mlp_width=d.get("intermediate_size", 2048),
-            activation=activation,
-            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+            vocab_size=r.int("vocab_size", 49408),
+            max_length=r.int("max_position_embeddings", 77, low=2),
+            width=r.int("hidden_size", 512),
+            layers=r.int("num_hidden_layers", 12),
+            heads=r.int("num_attention_heads", 8),
+            mlp_width=r.int("intermediate_size", 2048),
+            activation=d.get("hidden_act", "quick_gelu"),
+            layer_norm_eps=r.float("layer_norm_eps", 1e-5),
         )
+
+    def __post_init__(self):
+        _structure("text encoder", [
+            (self.width % self.heads == 0, f"num_attention_heads {self.heads} does not divide hidden_size {self.width}"),
+            (self.layers >= 1 and self.vocab_size >= 1 and self.max_length >= 2, "sizes are not positive")])
 
 
 @dataclass(frozen=True)
@@ -63,23 +131,32 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
         """From a diffusers `AutoencoderKL` json (vae/config.json)."""
+        r = _Read(d, "VAE")
         for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            if any(t != block for t in d.get(key, [block])):
+            if any(t != block for t in r.names(key, [block])):
                 raise ModelLoadError(f"VAE {key} {d[key]} are not supported (only {block}).")
         if d.get("shift_factor") not in (None, 0, 0.0) or d.get("latents_mean") is not None:
             raise ModelLoadError("this VAE has a latent shift or per-channel statistics (SD3/Flux style); "
                                  "only SD 1.x/2.x KL autoencoders are supported.")
         return cls(
-            in_channels=d.get("in_channels", 3),
-            out_channels=d.get("out_channels", 3),
-            latent_channels=d.get("latent_channels", 4),
-            block_out_channels=tuple(d.get("block_out_channels", (64,))),
-            layers_per_block=d.get("layers_per_block", 1),
-            norm_num_groups=d.get("norm_num_groups", 32),
-            scaling_factor=d.get("scaling_factor", 0.18215),
-            mid_block_attention=d.get("mid_block_add_attention", True),
-            use_quant_conv=d.get("use_quant_conv", True) and d.get("use_post_quant_conv", True),
+            in_channels=r.int("in_channels", 3),
+            out_channels=r.int("out_channels", 3),
+            latent_channels=r.int("latent_channels", 4),
+            block_out_channels=r.ints("block_out_channels", (64,)),
+            layers_per_block=r.int("layers_per_block", 1),
+            norm_num_groups=r.int("norm_num_groups", 32),
+            scaling_factor=r.float("scaling_factor", 0.18215),
+            mid_block_attention=r.bool("mid_block_add_attention", True),
+            use_quant_conv=r.bool("use_quant_conv", True) and r.bool("use_post_quant_conv", True),
         )
+
+    def __post_init__(self):
+        _structure("VAE", [(len(self.block_out_channels) >= 1 and self.layers_per_block >= 1 and self.latent_channels >= 1,
+                            f"block_out_channels {self.block_out_channels} describe no network")] + [
+            (w % self.norm_num_groups == 0, f"norm_num_groups {self.norm_num_groups} does not divide "
+                            f"block_out_channels {w}") for w in self.block_out_channels] + [
+            (math.isfinite(self.scaling_factor) and self.scaling_factor > 0,
+             f"scaling_factor {self.scaling_factor!r} is not a positive number (0 would give all-zero latents)")])
 
 
 @dataclass(frozen=True)
@@ -107,12 +184,14 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
         """From a diffusers `UNet2DConditionModel` json (unet/config.json)."""
+        r = _Read(d, "UNet")
+        widths = r.ints("block_out_channels", None)
+        levels = len(widths)
         looks = _unet_lookalike(d)
         if looks:
             raise ModelLoadError(f"this UNet looks like {looks}; only SD 1.x/2.x text-to-image UNets are supported.")
-        levels = len(d["block_out_channels"])
-        down = list(d.get("down_block_types", ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"]))
-        up = list(d.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)))
+        down = r.names("down_block_types", ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"], levels)
+        up = r.names("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1), levels)
         known_down, known_up = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
         if set(down) - known_down or set(up) - known_up:
             raise ModelLoadError(f"UNet block types {down} / {up} are not supported.")
@@ -124,27 +203,41 @@ class UNetConfig:
         # diffusers' `attention_head_dim` holds the number of heads for SD 1.x/2.x (a historical
         # misnomer); `num_attention_heads` overrides it when present.
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-        heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * levels
+        heads = r.ints("attention_head_dim", None, heads) if isinstance(heads, (list, tuple)) \
+            else (r.int("attention_head_dim", None, value=heads),) * levels
         tlpb = d.get("transformer_layers_per_block", 1)
-        if not isinstance(tlpb, int):
+        if isinstance(tlpb, (list, tuple)):
             raise ModelLoadError("per-level transformer_layers_per_block (SDXL style) is not supported.")
         return cls(
-            in_channels=d.get("in_channels", 4),
-            out_channels=d.get("out_channels", 4),
-            block_out_channels=tuple(d["block_out_channels"]),
-            layers_per_block=d.get("layers_per_block", 2),
+            in_channels=r.int("in_channels", 4),
+            out_channels=r.int("out_channels", 4),
+            block_out_channels=widths,
+            layers_per_block=r.int("layers_per_block", 2),
             cross_attention=cross,
             heads=heads,
-            cross_attention_dim=d.get("cross_attention_dim", 1280),
-            use_linear_projection=d.get("use_linear_projection", False),
-            upcast_attention=d.get("upcast_attention", False),
-            transformer_layers_per_block=tlpb,
-            norm_num_groups=d.get("norm_num_groups", 32),
-            norm_eps=d.get("norm_eps", 1e-5),
-            flip_sin_to_cos=d.get("flip_sin_to_cos", True),
-            freq_shift=d.get("freq_shift", 0),
-            sample_size=d.get("sample_size", 64),
+            cross_attention_dim=r.int("cross_attention_dim", 1280),
+            use_linear_projection=r.bool("use_linear_projection", False),
+            upcast_attention=r.bool("upcast_attention", False),
+            transformer_layers_per_block=r.int("transformer_layers_per_block", 1),
+            norm_num_groups=r.int("norm_num_groups", 32),
+            norm_eps=r.float("norm_eps", 1e-5),
+            flip_sin_to_cos=r.bool("flip_sin_to_cos", True),
+            freq_shift=r.int("freq_shift", 0, low=0),
+            sample_size=r.int("sample_size", 64),
         )
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        _structure("UNet", [
+            (levels >= 1 and self.layers_per_block >= 1 and min(self.block_out_channels) >= 1,
+             f"block_out_channels {self.block_out_channels} and layers_per_block {self.layers_per_block} "
+             "describe no network"),
+            (len(self.heads) == levels and len(self.cross_attention) == levels,
+             f"attention_head_dim gives {len(self.heads)} head counts for {levels} block_out_channels levels"),
+            *[(w % self.norm_num_groups == 0, f"norm_num_groups {self.norm_num_groups} does not divide "
+               f"block_out_channels {w}") for w in self.block_out_channels],
+            *[(w % h == 0, f"{h} attention heads do not divide the width {w} of level {i}")
+              for i, (w, h) in enumerate(zip(self.block_out_channels, self.heads))]])
 
 
 def _unet_lookalike(d: dict[str, Any]) -> str | None:
@@ -187,26 +280,36 @@ class SchedulerConfig:
     def from_dict(cls, d: dict[str, Any]) -> "SchedulerConfig":
         """From any diffusers scheduler json; absent keys take DDIMScheduler's defaults, as
         `DDIMScheduler.from_config` does."""
+        r = _Read(d, "scheduler")
         if d.get("thresholding", False):
             raise ModelLoadError("dynamic thresholding schedulers are not supported.")
         prediction = d.get("prediction_type", "epsilon")
         if prediction not in ("epsilon", "v_prediction"):
             raise ModelLoadError(f"prediction_type {prediction!r} is not supported (epsilon or v_prediction).")
         betas = d.get("trained_betas")
+        if betas is not None and (not isinstance(betas, (list, tuple)) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas)):
+            raise ModelLoadError(f"the scheduler config's trained_betas is not a list of numbers in (0, 1); {_FIX}.")
         return cls(
-            num_train_timesteps=d.get("num_train_timesteps", 1000),
-            beta_start=d.get("beta_start", 0.0001),
-            beta_end=d.get("beta_end", 0.02),
-            beta_schedule=d.get("beta_schedule", "linear"),
+            num_train_timesteps=r.int("num_train_timesteps", 1000),
+            beta_start=r.float("beta_start", 0.0001, high=1),
+            beta_end=r.float("beta_end", 0.02, high=1),
+            beta_schedule=r.str("beta_schedule", "linear", ("linear", "scaled_linear", "squaredcos_cap_v2")),
             trained_betas=tuple(betas) if betas is not None else None,
             prediction_type=prediction,
-            timestep_spacing=d.get("timestep_spacing", "leading"),
-            steps_offset=d.get("steps_offset", 0),
-            set_alpha_to_one=d.get("set_alpha_to_one", True),
-            clip_sample=d.get("clip_sample", True),
-            clip_sample_range=d.get("clip_sample_range", 1.0),
-            rescale_betas_zero_snr=d.get("rescale_betas_zero_snr", False),
+            timestep_spacing=r.str("timestep_spacing", "leading", ("leading", "trailing", "linspace")),
+            steps_offset=r.int("steps_offset", 0, low=0),
+            set_alpha_to_one=r.bool("set_alpha_to_one", True),
+            clip_sample=r.bool("clip_sample", True),
+            clip_sample_range=r.float("clip_sample_range", 1.0),
+            rescale_betas_zero_snr=r.bool("rescale_betas_zero_snr", False),
         )
+
+    def __post_init__(self):
+        _structure("scheduler", [
+            (self.trained_betas is None or len(self.trained_betas) == self.num_train_timesteps,
+             f"trained_betas has {len(self.trained_betas or ())} values for num_train_timesteps "
+             f"{self.num_train_timesteps}")])
 
 
 @dataclass(frozen=True)

@@ -149,10 +149,11 @@ class Tokenizer:
         config = _read_json(config) if config.is_file() else {}
         pad_token = _token_text(special.get("pad_token") or config.get("pad_token") or EOS, folder)
         max_length = config.get("model_max_length", CONTEXT_LENGTH)
-        if not isinstance(max_length, (int, float)) or max_length < 2:
+        if not isinstance(max_length, (int, float)) or isinstance(max_length, bool) or max_length != max_length \
+                or max_length < 2:
             raise ModelLoadError(f"{folder / 'tokenizer_config.json'} has model_max_length {max_length!r}; "
                                  f"set it to {CONTEXT_LENGTH}.")
-        return cls(vocab, merges, pad_token, min(int(max_length), CONTEXT_LENGTH))
+        return cls(vocab, merges, pad_token, int(min(max_length, CONTEXT_LENGTH)))
 
     @classmethod
     def from_clip_bpe(cls, path: str | Path, pad_token: str = EOS) -> Tokenizer:
@@ -282,9 +283,10 @@ def train_bpe(captions: Iterable[str], vocab_size: int, pad_token: str = EOS) ->
 
 # ---------------------------------------------------------------------- files
 
-def read_vocab(path: Path) -> dict[str, int]:
-    vocab = _read_json(path)
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+def read_vocab(path: Path, vocab=None) -> dict[str, int]:
+    vocab = _read_json(path) if vocab is None else vocab
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                              for i in vocab.values()):
         raise ModelLoadError(f"{path} is not a vocabulary (a JSON object of token -> id); restore the file.")
     return vocab
 
@@ -303,13 +305,14 @@ def read_merges(path: Path) -> Merges:
 def read_tokenizer_json(path: Path) -> tuple[dict[str, int], Merges]:
     """The vocabulary and merges inside a `tokenizers` tokenizer.json (what transformers 5 saves)."""
     model = _read_json(path).get("model", {})
-    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
         raise ModelLoadError(f"{path} is not a CLIP tokenizer (a BPE with '</w>' word ends); "
                              "use the tokenizer/ folder of a Stable Diffusion 1.x/2.x model.")
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
-    if not all(len(m) == 2 for m in merges):
+    merges = model.get("merges", [])
+    merges = [m.split(" ") if isinstance(m, str) else m for m in (merges if isinstance(merges, list) else [None])]
+    if not all(isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in merges):
         raise ModelLoadError(f"{path} has malformed merges; restore the file.")
-    return model.get("vocab", {}), [tuple(m) for m in merges]
+    return read_vocab(path, model.get("vocab", {})), [tuple(m) for m in merges]
 
 
 @lru_cache(maxsize=2)
@@ -341,13 +344,16 @@ def _parse_merges(lines: list[str], path: Path) -> Merges:
     return merges
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelLoadError(f"{path} is missing; copy the tokenizer files of the model there.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e}); restore the file.") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object; restore the file.")
+    return data
 
 
 def _token_text(token, folder: Path) -> str:

@@ -27,9 +27,11 @@ from diffedit.errors import DiffEditError, ParameterError
 from diffedit.io.images import atomic_write
 from diffedit.io.pictures import mask_to_pil, overlay_mask
 from diffedit.research.plan import AXES
-from diffedit.research.table import ITEMS_NAME, read_rows
+from diffedit.research.table import ITEMS_NAME, read_json, read_rows
 
 DPI = 100
+NO_PER_SAMPLE = ("this mask has no per-sample maps (they are kept up to 64 noise samples); compute it with "
+                 "generate_mask(..., return_per_sample=True) to draw them.")
 HEADER = 20          # pixels above the first row of panels, for the column titles
 
 
@@ -71,7 +73,9 @@ def _load(sweep_dir: str | os.PathLike) -> tuple[Path, list[dict], list[dict]]:
     rows = read_rows(folder)
     if not rows:
         raise ParameterError(f"{folder} holds no sweep results (results.jsonl); run `diffedit sweep` there first.")
-    items = json.loads((folder / ITEMS_NAME).read_text(encoding="utf-8")) if (folder / ITEMS_NAME).is_file() else []
+    items = read_json(folder / ITEMS_NAME, "item list") if (folder / ITEMS_NAME).is_file() else []
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "id" in i for i in items):
+        raise ParameterError(f"{folder / ITEMS_NAME} is not a list of items; run the sweep again to rewrite it.")
     return folder, rows, items
 
 
@@ -246,6 +250,8 @@ def _mask_arrays(source, item, where, threshold, image, index):
         inputs = source.encoded.inputs if source.encoded is not None else None
         picture = image if image is not None else (inputs[index] if inputs else None)
         threshold = source.threshold if threshold is None else threshold
+        if source.per_sample is None:
+            raise ParameterError(NO_PER_SAMPLE)
         return (source.per_sample[index].cpu().numpy(), source.difference[index].cpu().numpy(),
                 source.soft[index].cpu().numpy(), threshold, picture, None)
     path = Path(source).expanduser()
@@ -266,6 +272,8 @@ def _mask_arrays(source, item, where, threshold, image, index):
     if not path.is_file():
         raise ParameterError(f"{path} is neither a sweep folder nor a saved mask (.npz); check the path.")
     data = np.load(path)
+    if "per_sample" not in data:
+        raise ParameterError(NO_PER_SAMPLE)
     return data["per_sample"], data["difference"], data["soft"], 0.5 if threshold is None else threshold, image, default
 
 

@@ -33,9 +33,9 @@ from diffedit.research.table import (
     CSV_NAME,
     ITEMS_NAME,
     RESULTS,
+    csv_text,
     read_json,
     read_rows,
-    write_csv,
     write_together,
 )
 
@@ -106,8 +106,11 @@ def _markers(out: Path, count: int) -> dict[int, dict]:
     return markers
 
 
-def all_done(out: Path, count: int) -> bool:
-    return len(_markers(out, count)) == count
+def all_done(out: Path, count: int, plan: str | None = None) -> bool:
+    """Whether every shard of N has its completion marker (for `plan`, when given)."""
+    markers = _markers(out, count)
+    return len(markers) == count and (plan is None or all(isinstance(m, dict) and m.get("plan") == plan
+                                                          for m in markers.values()))
 
 
 def merge_shards(out_dir: str | os.PathLike) -> MergeResult:
@@ -147,9 +150,8 @@ def merge_shards(out_dir: str | os.PathLike) -> MergeResult:
         listing = _merged_items(out, count, ids)
         texts = {out / RESULTS: "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows),
                  out / CONFIG_NAME: (first / CONFIG_NAME).read_text(encoding="utf-8"),
-                 out / ITEMS_NAME: json.dumps(listing, indent=2) + "\n"}
+                 out / ITEMS_NAME: json.dumps(listing, indent=2) + "\n", out / CSV_NAME: csv_text(rows)}
         write_together(texts)
-        write_csv(out, rows)
     return MergeResult(out, rows, count, time.perf_counter() - t0)
 
 
@@ -172,11 +174,10 @@ def _merged_items(out: Path, count: int, order: list[str]) -> list[dict]:
     return [entries[i] for i in order if i in entries]
 
 
-def wait_and_merge(out: Path, count: int, poll: float = 0.5) -> MergeResult:
-    """Under torchrun: rank 0 waits for every shard's completion marker, then merges (torchrun
-    stops every rank when one fails, so the wait ends either way)."""
-    while not all_done(out, count):
+def wait_and_merge(out: Path, count: int, plan: str, poll: float = 0.5) -> MergeResult:
+    """Under torchrun: rank 0 waits until every shard has marked the plan `plan` done (a marker
+    left by an earlier run of another plan does not count), then merges. torchrun stops every
+    rank when one fails, so the wait ends either way."""
+    while not all_done(out, count, plan):
         time.sleep(poll)
     return merge_shards(out)
-
-

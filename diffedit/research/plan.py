@@ -5,6 +5,7 @@ resuming matches on. No model is touched here; diffedit/sweep.py does the work."
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -58,6 +59,8 @@ class SweepConfig:
             except json.JSONDecodeError as e:
                 raise ParameterError(f"the sweep config {path} is not valid JSON ({e.msg}, line {e.lineno}); "
                                      "fix it.") from None
+            except UnicodeDecodeError:
+                raise ParameterError(f"the sweep config {path} is not UTF-8 text; save it as UTF-8.") from None
         if not isinstance(config, dict):
             raise ParameterError("a sweep config must be a JSON object with at least an 'items' entry.")
         unknown = sorted(set(config) - set(CONFIG_KEYS))
@@ -92,6 +95,16 @@ class SweepConfig:
         if not isinstance(self.metrics, dict) or not all(isinstance(v, dict) and {"factory", "weights"} <= set(v)
                                                          for v in self.metrics.values()):
             raise ParameterError('"metrics" must map names to {"factory": "module:function", "weights": PATH}.')
+        if self.model is not None and not isinstance(self.model, str):
+            raise ParameterError(f'"model" must be a path or hub id (text) or null, got {self.model!r}.')
+        if not isinstance(self.device, str) or not isinstance(self.dtype, str):
+            raise ParameterError('"device" and "dtype" must be text, e.g. "cpu" or "cuda" and "fp32".')
+        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
+            raise ParameterError(f'"resolution" must be a whole number of pixels (at least 8) or null, '
+                                 f'got {self.resolution!r}.')
+        folder = self.items.get("folder") if isinstance(self.items, dict) else None
+        if folder is not None and not isinstance(folder, str):
+            raise ParameterError(f'"items": {{"folder": DIR}} needs DIR as text, got {folder!r}.')
 
     def identity(self) -> dict:
         return {k: getattr(self, k) for k in IDENTITY_KEYS}
@@ -234,8 +247,9 @@ class Run:
     def s(self) -> dict:
         return dict(self.settings)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """The run's identity in the results table (computed once: a big plan asks for it often)."""
         return json.dumps({"item": self.item_id, **self.s}, sort_keys=True)
 
 

@@ -43,7 +43,7 @@ class Shard:
         return self.source == "torchrun"
 
     @classmethod
-    def parse(cls, text: str) -> "Shard":
+    def parse(cls, text: str) -> Shard:
         """`K/N` with 0 <= K < N."""
         match = SHARD_FORMAT.match(str(text))
         if not match:
@@ -55,7 +55,7 @@ class Shard:
         return cls(k, n)
 
     @classmethod
-    def resolve(cls, explicit: str | None = None, environ: dict | None = None) -> "Shard":
+    def resolve(cls, explicit: str | None = None, environ: dict | None = None) -> Shard:
         """This process's shard: an explicit `K/N` wins, then torchrun (RANK, WORLD_SIZE,
         LOCAL_RANK), then a Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, or the
         array's MIN/MAX when COUNT is missing), else the whole job (0/1)."""
@@ -79,10 +79,15 @@ class Shard:
         return cls(0, 1, "single")
 
     def device(self, configured: str) -> str:
-        """The device of this process: cuda:LOCAL_RANK under torchrun when the job asks for cuda."""
-        if self.local_rank is not None and configured in ("cuda", "auto"):
-            return f"cuda:{self.local_rank}"
-        return configured
+        """The device of this process: cuda:LOCAL_RANK under torchrun when the job asks for cuda
+        (or for "auto" on a machine with CUDA); anything else as configured."""
+        if self.local_rank is None or configured not in ("cuda", "auto"):
+            return configured
+        if configured == "auto":
+            import torch
+            if not torch.cuda.is_available():
+                return "cpu"
+        return f"cuda:{self.local_rank}"
 
 
 def assign(weights: list[int], count: int) -> list[int]:
@@ -100,6 +105,10 @@ def assign(weights: list[int], count: int) -> list[int]:
     return owner
 
 
+class FolderLockedError(OutputFileError):
+    """Another live process holds the lock of a results folder."""
+
+
 class FolderLock:
     """An exclusive flock on FOLDER/.NAME.lock, taken without waiting: a second process is refused
     with one sentence, and the lock goes away with the process that held it (killed or not), so a
@@ -109,7 +118,7 @@ class FolderLock:
         self.path = Path(folder) / f".{name}.lock"
         self._fd: int | None = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         try:
             import fcntl
         except ImportError:   # pragma: no cover - Windows
@@ -125,7 +134,7 @@ class FolderLock:
             holder = _read_pid(self._fd)
             os.close(self._fd)
             self._fd = None
-            raise OutputFileError(f"another process{f' (pid {holder})' if holder else ''} is writing the results in "
+            raise FolderLockedError(f"another process{f' (pid {holder})' if holder else ''} is writing the results in "
                                   f"{self.path.parent}; wait for it to finish or choose another --out.") from None
         os.ftruncate(self._fd, 0)
         os.write(self._fd, str(os.getpid()).encode())

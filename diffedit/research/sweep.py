@@ -38,12 +38,22 @@ difference, per_sample: what figures.py draws).
 Resuming: rows whose key is in results.jsonl are skipped. Each row is appended as one complete
 line; a torn last line (a crash mid-write) is dropped and redone. results.csv is rebuilt from the
 JSONL whenever a sweep stops. Columns starting with time_ or cache_ depend on the order runs
-happened in; every other column is a function of the settings alone.
+happened in; every other column is a function of the settings alone. A finished sweep's rows are
+in plan order (items, then grid points), each key once. One process writes a folder at a time
+(a flock, shards.FolderLock); a second one is refused.
+
+Many processes: with `shard` K/N each process runs the items shards.assign gives it (all the runs
+of an item on one shard, so the caches above still serve) into SWEEP/shards/K-of-N/, and
+merge.merge_shards makes the table one process would have written (research/merge.py). Seeds
+come from the settings alone (the mask's and the no-encoding decode's generator are seeded with
+the run's `seed`), never from the process, so the rows do not depend on N.
+
+Safety: item ids are plain file names and manifest paths stay inside their folder (plan.py);
+metric factories named by a config (code imports) need trust_config_code.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -64,14 +74,11 @@ from diffedit.io.pictures import mask_to_pil
 from diffedit.io.progress import progress_bar
 from diffedit.research import metrics as M
 from diffedit.research.merge import (
-    all_done,
     canonical_order,
     check_layout,
     clear_done,
     mark_done,
-    merge_shards,
     shard_folder,
-    wait_and_merge,
 )
 from diffedit.research.plan import (
     Item,
@@ -85,7 +92,6 @@ from diffedit.research.plan import (
 )
 from diffedit.research.shards import FolderLock, Shard, assign
 from diffedit.research.table import (
-    CSV_NAME,
     ITEMS_NAME,
     RESULTS,
     append_row,
@@ -131,30 +137,33 @@ class SweepResult:
     rows: list[dict]      # every row of results.jsonl, in file order
     ran: int              # runs done by this call
     skipped: int          # runs found finished already
+    plan: str = ""        # the plan's digest (plan.plan_digest), the same for every shard of the sweep
 
 
 def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable | None = None,
-              bar: bool = True, shard: Shard | None = None, trust_config_code: bool = False) -> SweepResult:
+              bar: bool = True, shard: Shard | None = None, trust_config_code: bool = False,
+              items: list[Item] | None = None) -> SweepResult:
     """Run every grid point of `config` not yet in `out_dir`/results.jsonl. `pipe` (a
     DiffEditPipeline) is loaded from the config when None; `progress(done, total, row)` is called
     after each row is written (raising from it stops the sweep, resumable). With `shard` K/N (N > 1)
     only the items assigned to shard K run, into `out_dir`/shards/K-of-N (research/merge.py).
-    Metrics that import code named by the config need `trust_config_code`."""
+    Metrics that import code named by the config need `trust_config_code`. `items` replaces the
+    config's "items" reader (research/benchmarks reads its own; the spec stays the table's identity)."""
     cfg = SweepConfig.parse(config)
-    if cfg.metrics and not trust_config_code:
-        raise ParameterError(f"the sweep config imports code for the metrics {', '.join(sorted(cfg.metrics))}; "
-                             "pass --trust-config-code (trust_config_code=True) if you trust it.")
+    check_trust(cfg, trust_config_code)
     shard = shard or Shard(0, 1, "single")
+    items = load_items(cfg.items) if items is None else items
+    runs = plan_runs(cfg, items)
     out = Path(out_dir).expanduser()
     folder = shard_folder(out, shard) if shard.count > 1 else out
+    if out.is_dir():
+        check_layout(out, shard)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputFileError(f"cannot create the sweep folder {folder} ({e.strerror}); choose another --out.") from None
     check_table_files(folder)
-    check_layout(out, shard)
-    items = load_items(cfg.items)
-    runs = plan_runs(cfg, items)
+    read_rows(folder)   # a broken table is refused before anything is written
     owner = assign(runs_per_item(runs, len(items)), shard.count)
     runs = [r for r in runs if owner[r.item] == shard.index]
     with FolderLock(folder):
@@ -191,15 +200,24 @@ def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable 
             if (folder / RESULTS).is_file() and shard.count == 1:
                 write_csv(folder)
         rows = read_rows(folder)
+        plan = plan_digest(cfg, plan_runs(cfg, items))
         if shard.count > 1:
-            mark_done(folder, shard, plan_digest(cfg, plan_runs(cfg, items)), [it.id for it in items], len(rows))
+            mark_done(folder, shard, plan, [it.id for it in items], len(rows))
         else:   # a single process is its own merge: the rows in plan order, as merge_shards writes them
             ordered = canonical_order(rows, [r.key for r in runs])
             if ordered != rows:
                 write_rows(folder, ordered)
                 write_csv(folder, ordered)
             rows = ordered
-    return SweepResult(out, rows, done - skipped, skipped)
+    return SweepResult(out, rows, done - skipped, skipped, plan)
+
+
+def check_trust(cfg: SweepConfig, trust_config_code: bool) -> None:
+    """A config names only built-in or registered metrics; a metric factory ("module:function")
+    imports and runs code, so it needs the user's explicit --trust-config-code."""
+    if cfg.metrics and not trust_config_code:
+        raise ParameterError(f"the sweep config imports code for the metrics {', '.join(sorted(cfg.metrics))}; "
+                             "pass --trust-config-code (trust_config_code=True) if you trust it.")
 
 
 def _write_items(out: Path, folder: Path, items: list[Item], save_images: bool) -> None:
@@ -297,7 +315,9 @@ def _mask(pipe, item: Item, s: dict, encoded, state: _ItemState, out: Path, save
         path = out / "masks" / item.id / f"t{key[0]}-n{key[1]}-seed{key[2]}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = dict(soft=result.soft[0].cpu().numpy(), difference=result.difference[0].cpu().numpy(),
-                      per_sample=result.per_sample[0].cpu().numpy(), timestep=np.int64(result.timestep))
+                      timestep=np.int64(result.timestep))
+        if result.per_sample is not None:   # kept up to pipeline.PER_SAMPLE_UP_TO samples (memory grows with n)
+            arrays["per_sample"] = result.per_sample[0].cpu().numpy()
         atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=True)
         relative = path.relative_to(out).as_posix()
     mask = _Mask(result.soft, result.timestep, generator.get_state(), pipe.counters.unet_samples - before,
@@ -315,66 +335,3 @@ def _inversion(pipe, encoded, steps: int, state: _ItemState):
     inversion = pipe.invert(encoded, strength=state.r_max[steps], num_inference_steps=steps)
     state.inversions[steps] = (inversion, time.perf_counter() - t0)
     return state.inversions[steps], True
-
-
-# ---------------------------------------------------------------------- command line
-
-def add_arguments(parser) -> None:
-    """Arguments of `diffedit sweep` (and of `diffedit sweep merge DIR`)."""
-    parser.add_argument("config", help="sweep config (JSON): model, items, grid (see diffedit/research/sweep.py); "
-                        "or `merge DIR` to merge the shards of a sweep run by many processes")
-    parser.add_argument("folder", nargs="?", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help="output folder (default: sweeps/<config name>); "
-                        "an existing sweep there is resumed")
-    parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
-    parser.add_argument("--dtype", default=None, help="override the config's dtype (fp32, bf16, fp16)")
-    parser.add_argument("--shard", default=None, metavar="K/N", help="run only shard K of N (from 0) into "
-                        "OUT/shards/K-of-N; overrides torchrun's RANK/WORLD_SIZE and a Slurm array's task id")
-    parser.add_argument("--trust-config-code", action="store_true", help="allow the config's \"metrics\" to "
-                        "import and run Python code (module:function factories); refused without this flag")
-    parser.add_argument("--figures", action="store_true", help="also draw an image grid and a trade-off curve "
-                        "(needs matplotlib: pip install 'diffedit-sd[plots]')")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    """`diffedit sweep`: run or resume a sweep (or this process's shard of it); prints where the
-    table is. `diffedit sweep merge DIR` merges the shards in DIR."""
-    if args.config == "merge" and args.folder:
-        merged = merge_shards(args.folder)
-        print(f"merged {merged.shards} shards: {len(merged.rows)} rows in {merged.out_dir / RESULTS} and "
-              f"{merged.out_dir / CSV_NAME} ({merged.seconds:.2f} s)")
-        return _figures(args, merged.out_dir)
-    if args.folder:
-        raise ParameterError(f"unexpected argument {args.folder!r}; write `diffedit sweep CONFIG [--out DIR]` or "
-                             "`diffedit sweep merge DIR`.")
-    cfg = SweepConfig.parse(args.config)
-    if args.device:
-        cfg.device = args.device
-    if args.dtype:
-        cfg.dtype = args.dtype
-    shard = Shard.resolve(args.shard)
-    out = Path(args.out) if args.out else Path("sweeps") / Path(args.config).stem
-    result = run_sweep(cfg, out, bar=not args.quiet, shard=shard, trust_config_code=args.trust_config_code)
-    if shard.count > 1:
-        print(f"shard {shard.index}/{shard.count}: {len(result.rows)} rows ({result.ran} run now, {result.skipped} "
-              f"already done) in {shard_folder(out, shard) / RESULTS}")
-        if shard.torchrun and shard.index == 0:
-            merged = wait_and_merge(out, shard.count)
-        elif all_done(out, shard.count) and not shard.torchrun:
-            merged = merge_shards(out)
-        else:
-            return 0
-        print(f"merged {shard.count} shards: {len(merged.rows)} rows in {out / RESULTS} and {out / CSV_NAME}")
-        return _figures(args, out) if shard.index == 0 or not shard.torchrun else 0
-    print(f"{len(result.rows)} rows ({result.ran} run now, {result.skipped} already done) in {out / RESULTS} "
-          f"and {out / CSV_NAME}")
-    return _figures(args, out)
-
-
-def _figures(args, out: Path) -> int:
-    if args.figures:
-        from diffedit.research.figures import sweep_figures
-        for path in sweep_figures(out):
-            print(f"figure: {path}")
-    return 0

@@ -88,14 +88,19 @@ def append_row(out_dir: Path, row: dict) -> None:
 
 
 def write_csv(out_dir: Path, rows: list[dict] | None = None) -> Path:
-    """results.csv rebuilt from results.jsonl (columns: union of keys in order of appearance)."""
-    rows = read_rows(out_dir) if rows is None else rows
+    """results.csv rebuilt from results.jsonl (or from `rows`)."""
+    return atomic_write_text(out_dir / CSV_NAME, csv_text(read_rows(out_dir) if rows is None else rows),
+                             overwrite=True)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """The rows as CSV; the columns are the union of the rows' keys in order of appearance."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return atomic_write_text(out_dir / CSV_NAME, buffer.getvalue(), overwrite=True)
+    return buffer.getvalue()
 
 
 def check_config(out_dir: Path, cfg: SweepConfig) -> None:

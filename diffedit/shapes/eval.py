@@ -23,17 +23,22 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from diffedit.io.files import atomic_write_text
+from diffedit.errors import OutputFileError, ParameterError
+from diffedit.research.plan import SweepConfig
+from diffedit.research.shards import FolderLock
 from diffedit.research.sweep import run_sweep
+from diffedit.research.table import CONFIG_NAME, TABLE_FILES, read_json, write_together
 from diffedit.settings import DEFAULT, add_argument
 from diffedit.shapes.world import heldout_edits
 
 ABLATION_RUNS = ("no_mask", "no_encode", "sdedit")
+REPORT_FILES = ("summary.csv", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,8 @@ def sweep_config(s: EvalSettings, model: str | None = None) -> dict:
     base = {"num_inference_steps": s.num_inference_steps, "seed": s.seed, "mask_samples": s.num_mask_samples,
             "mask_noise_strength": s.mask_noise_strength, "threshold": s.threshold, "strength": s.strength,
             "guidance_scale": s.guidance_scale, "blend": DEFAULT["blend"], "ablation": "none"}
-    grids = [base, {**base, "strength": list(s.strengths)}, {**base, "threshold": list(s.thresholds)}]
+    grids = [base] + [{**base, axis: list(values)} for axis, values in (("strength", s.strengths),
+                                                                          ("threshold", s.thresholds)) if values]
     if s.ablations:
         grids.append({**base, "ablation": list(ABLATION_RUNS)})
     return {"model": model, "items": {"benchmark": "shapes", "count": s.count}, "grid": grids, "save_images": False}
@@ -90,12 +96,13 @@ def run_name(row: dict, s: EvalSettings) -> str:
 
 
 def evaluate(pipe, settings: EvalSettings = EvalSettings(), out_dir: str | Path | None = None,
-             bar: bool = False) -> EvalReport:
-    """Run (or resume, in `out_dir`) the evaluation sweep and summarise it per run."""
+             bar: bool = False, model: str | None = None) -> EvalReport:
+    """Run (or resume, in `out_dir`) the evaluation sweep and summarise it per run. `model` names
+    the pipe's weights in the sweep's config, so that a folder never mixes two models' rows."""
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="diffedit-eval-") as tmp:
-            return evaluate(pipe, settings, tmp, bar)
-    result = run_sweep(sweep_config(settings), out_dir, pipe=pipe, bar=bar)
+            return evaluate(pipe, settings, tmp, bar, model)
+    result = run_sweep(sweep_config(settings, model), out_dir, pipe=pipe, bar=bar)
     kinds = {f"shapes-{i:03d}": e.kind for i, e in enumerate(heldout_edits(settings.count))}
     rows = [{**r, "run": run_name(r, settings), "kind": kinds[r["item"]]} for r in result.rows if r["item"] in kinds]
     runs = list(dict.fromkeys(r["run"] for r in rows))
@@ -120,19 +127,52 @@ def summarise(rows: list[dict], run: str) -> dict:
             "colour_success": mean("success", "colour"), "shape_success": mean("success", "shape")}
 
 
-def write_report(report: EvalReport, out_dir: str | Path, overwrite: bool = True) -> tuple[Path, Path]:
+def write_report(report: EvalReport, out_dir: str | Path) -> tuple[Path, Path]:
     """summary.csv (one row per run) and summary.json (settings, summary, timings) beside the
-    sweep's results.jsonl and results.csv (one row per edit and run)."""
+    sweep's results.jsonl and results.csv (one row per edit and run), both or neither."""
     out_dir = Path(out_dir)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(report.summary[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(report.summary)
-    csv_path = atomic_write_text(out_dir / "summary.csv", buffer.getvalue(), overwrite=overwrite)
     payload = {"settings": asdict(report.settings), "seconds": report.seconds,
                "default_seconds": report.default_seconds, "summary": report.summary}
-    json_path = atomic_write_text(out_dir / "summary.json", json.dumps(payload, indent=1) + "\n", overwrite=overwrite)
+    csv_path, json_path = out_dir / REPORT_FILES[0], out_dir / REPORT_FILES[1]
+    write_together({csv_path: buffer.getvalue(), json_path: json.dumps(payload, indent=1) + "\n"})
     return csv_path, json_path
+
+
+def prepare_output(out_dir: str | Path, settings: EvalSettings, model: str | None, overwrite: bool) -> Path:
+    """Check the results folder before any work: it must be a writable folder (or creatable), and
+    either new, empty, or holding this same evaluation (which then resumes). A folder holding
+    anything else is refused unless `overwrite`, which removes only the evaluation's own files."""
+    out = Path(out_dir).expanduser()
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputFileError(f"--out {out} is a file, not a folder; choose a folder for the results.")
+    existing = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputFileError(f"cannot write the results in {out}: {existing} is not writable; choose another --out.")
+    ours = TABLE_FILES + REPORT_FILES
+    lock = FolderLock(out).path.name   # alone, left by an evaluation killed before it wrote anything
+    if out.is_dir() and any(p.name != lock for p in out.iterdir()) and not _same_evaluation(out, settings, model):
+        if not overwrite:
+            raise OutputFileError(f"{out} already holds other files or another evaluation; pass --overwrite to "
+                                  "replace the evaluation's files there, or choose another --out.")
+        for name in ours:
+            if (out / name).is_file():
+                (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _same_evaluation(out: Path, settings: EvalSettings, model: str | None) -> bool:
+    if not (out / CONFIG_NAME).is_file():
+        return False
+    stored = read_json(out / CONFIG_NAME, "sweep config")
+    wanted = SweepConfig.parse(sweep_config(settings, model)).as_dict()
+    return isinstance(stored, dict) and all(json.dumps(stored.get(k), sort_keys=True, default=str)
+                                            == json.dumps(wanted[k], sort_keys=True, default=str)
+                                            for k in ("model", "items", "grid", "metrics"))
 
 
 # ------------------------------------------------------------------------- command line
@@ -142,7 +182,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="model folder / hub id (default: the embedded model)")
     parser.add_argument("--count", type=int, default=EvalSettings.count, help="held-out edits (default 50)")
     parser.add_argument("--out", default="eval-shapes", help="folder of the results (a sweep folder: an "
-                        "interrupted evaluation resumes there)")
+                        "interrupted evaluation with the same settings resumes there)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of another evaluation (or "
+                        "write among other files) in --out")
     group = parser.add_argument_group("settings of the default run (the tables vary r and the threshold around it)")
     for name in ("num_inference_steps", "strength", "guidance_scale", "mask_samples", "mask_noise_strength",
                  "threshold", "seed"):
@@ -159,8 +201,12 @@ def run(args) -> int:
                             mask_noise_strength=args.mask_noise_strength, threshold=args.threshold, seed=args.seed)
     if args.no_tables:
         settings = replace(settings, strengths=(), thresholds=())
+    if args.count < 1:
+        raise ParameterError(f"--count must be at least 1 (the number of held-out edits), got {args.count}.")
+    SweepConfig.parse(sweep_config(settings))   # every setting checked before the model loads
+    prepare_output(args.out, settings, args.model, args.overwrite)
     pipe = DiffEditPipeline.from_pretrained(args.model)
-    report = evaluate(pipe, settings, args.out, bar=not args.quiet)
+    report = evaluate(pipe, settings, args.out, bar=not args.quiet, model=args.model)
     print(report.table())
     print(f"{len(report.rows) // max(len(report.summary), 1)} edits, {report.seconds:.1f} s of compute, "
           f"{report.default_seconds:.1f} s for the default DiffEdit runs")

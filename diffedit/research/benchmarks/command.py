@@ -1,0 +1,145 @@
+"""`diffedit bench`: one of the paper's benchmarks, every method over a grid of r, on the sweep
+engine (research/sweep.py): the same rows, caches (one mask and one inversion per item serve
+every r), resuming and sharding as `diffedit sweep`.
+
+    diffedit bench imagenet  --data IMAGENET_VAL --model ID --out DIR [--split test|dev] [--template '{}']
+    diffedit bench pie-bench --data PIE_BENCH    --model ID --out DIR [--no-border-quirk]
+    diffedit bench pairs FILE.csv|FILE.jsonl     --model ID --out DIR
+      common: [--limit N [--subset-seed S]] [--strengths 0.2 0.4 ...] [--methods diffedit sdedit ...]
+              [--steps 50 --mask-samples 10 --threshold 0.5 --guidance 7.5 --seed S] [--resolution PX]
+              [--shard K/N] (or torchrun / a Slurm array, as `diffedit sweep`)
+
+Methods (the paper's curves): diffedit; diffedit-no-encoding (the mask, with noised latents
+instead of DDIM-encoded ones); sdedit (no mask, no encoding); encode-decode (DDIM encoding,
+no mask); copy (output = input, no model call: the anchor point). Each model method runs at
+every r of --strengths; the other settings are fixed (the paper's defaults unless given).
+
+The benchmark's reader spec (benchmark, data, split, template, border quirk, limit, subset
+seed) is the sweep config's "items", so it is recorded in OUT/sweep.json and a folder never
+mixes two specs. OUT also gets images/ITEM/ (the input, the ground-truth mask, one edited PNG
+per distinct edit), masks/ITEM/ (DiffEdit's soft maps) and, once every row is there,
+summary.py's files. Library metrics (LPIPS, CLIPScore, FID, SFID/CSFID, DeiT accuracy) are not
+computed yet; summary.py says where they plug in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffedit.errors import OutputFileError, ParameterError
+from diffedit.io.images import save_image
+from diffedit.research.benchmarks import NAMES, read_benchmark
+from diffedit.research.benchmarks.summary import METHODS, write_summary
+from diffedit.research.command import finish_shard
+from diffedit.research.plan import SweepConfig
+from diffedit.research.shards import Shard
+from diffedit.research.sweep import run_sweep
+from diffedit.research.table import CSV_NAME, RESULTS, read_json, read_rows
+from diffedit.settings import add_argument
+
+STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)   # the r grid of the curves (as `diffedit eval shapes`)
+
+
+def add_arguments(parser) -> None:
+    """Arguments of `diffedit bench BENCHMARK [FILE]`."""
+    parser.add_argument("benchmark", choices=NAMES, help="imagenet (FlexIT's class edits), pie-bench, or pairs "
+                        "(a CSV / JSONL of image, source, target[, mask] rows)")
+    parser.add_argument("file", nargs="?", help="the pairs file (for `pairs`; or give it with --data)")
+    parser.add_argument("--data", default=None, help="imagenet: the ImageNet validation folder; pie-bench: the "
+                        "folder with mapping_file.json and annotation_images/; pairs: the pairs file")
+    parser.add_argument("--model", default=None, help="model folder / file / hub id (default: the embedded model)")
+    parser.add_argument("--out", default=None, help="results folder (default: bench/BENCHMARK); an interrupted "
+                        "run with the same settings resumes there")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="run N items drawn at random "
+                        "(seeded by --subset-seed) instead of all")
+    parser.add_argument("--subset-seed", type=int, default=0, metavar="S", help="which items --limit draws "
+                        "(default 0)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                        help=f"methods to run (default all: {', '.join(METHODS)})")
+    parser.add_argument("--strengths", nargs="+", type=float, default=list(STRENGTHS), metavar="R",
+                        help=f"the encoding ratios r of the curves (default {' '.join(map(str, STRENGTHS))})")
+    group = parser.add_argument_group("fixed settings of every run")
+    for name in ("num_inference_steps", "guidance_scale", "mask_samples", "mask_noise_strength", "threshold",
+                 "seed"):
+        add_argument(group, name)
+    group.add_argument("--resolution", type=int, default=None, metavar="PX", help="working size's longest side, "
+                       "a multiple of 8 (default: the model's own size)")
+    group.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    group.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
+    protocol = parser.add_argument_group("protocol options")
+    protocol.add_argument("--split", default="test", choices=["test", "dev"], help="imagenet: FlexIT's split "
+                          "(1,092 edits each; default test)")
+    protocol.add_argument("--template", default="{}", help="imagenet: the prompt made of a class name, {} is the "
+                           "name (default: the bare name, as FlexIT)")
+    protocol.add_argument("--ground-truth", default=None, metavar="FILE", help="imagenet, flat layout: the "
+                          "validation ground truth (LOC_val_solution.csv or one wnid per line)")
+    protocol.add_argument("--no-border-quirk", action="store_true", help="pie-bench: decode the masks as "
+                          "annotated, without the benchmark's 1-pixel border set to 1")
+    parser.add_argument("--shard", default=None, metavar="K/N", help="run only shard K of N (from 0), as "
+                        "`diffedit sweep --shard`")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def reader_spec(args) -> dict:
+    """The reader's spec from the command line (only the options of the chosen benchmark)."""
+    data = args.data or args.file
+    if args.file and args.benchmark != "pairs":
+        raise ParameterError(f"`diffedit bench {args.benchmark}` takes its folder with --data, not as an argument.")
+    if args.file and args.data:
+        raise ParameterError("give the pairs file once: `diffedit bench pairs FILE` or --data FILE.")
+    if not data:
+        what = "FILE (a CSV or JSONL)" if args.benchmark == "pairs" else "--data DIR"
+        raise ParameterError(f"`diffedit bench {args.benchmark}` needs {what}: the benchmark's files on this machine.")
+    spec = {"benchmark": args.benchmark, "data": str(Path(data).expanduser().resolve())}
+    if args.benchmark == "imagenet":
+        spec.update(split=args.split, template=args.template, ground_truth=args.ground_truth)
+    if args.benchmark == "pie-bench":
+        spec["border_quirk"] = not args.no_border_quirk
+    if args.limit is not None:
+        spec.update(limit=args.limit, subset_seed=args.subset_seed)
+    return spec
+
+
+def sweep_config(args, spec: dict) -> dict | None:
+    """The sweep of the model methods (None when only the copy baseline is asked for)."""
+    ablations = [METHODS[m] for m in dict.fromkeys(args.methods) if METHODS[m]]
+    if not ablations:
+        return None
+    grid = {"num_inference_steps": args.num_inference_steps, "seed": args.seed, "mask_samples": args.mask_samples,
+            "mask_noise_strength": args.mask_noise_strength, "threshold": args.threshold,
+            "strength": list(dict.fromkeys(args.strengths)), "guidance_scale": args.guidance_scale,
+            "ablation": ablations}
+    return {"model": args.model, "device": args.device, "dtype": args.dtype, "resolution": args.resolution,
+            "items": spec, "grid": grid, "save_images": True}
+
+
+def run(args) -> int:
+    """Read the benchmark, run (or resume) its sweep, then write the copy baseline and the summary
+    once the table is complete (in this process, or in the one that merges the shards)."""
+    spec = reader_spec(args)
+    config = sweep_config(args, spec)
+    if config is not None:
+        SweepConfig.parse(config)   # every setting checked before any image is read
+    out = Path(args.out).expanduser() if args.out else Path("bench") / args.benchmark
+    listing = out / "benchmark.json"
+    if listing.is_file() and read_json(listing, "benchmark listing").get("spec") != spec:
+        raise OutputFileError(f"{out} holds the results of another benchmark spec (see {listing}); choose another "
+                              "--out.")
+    bench = read_benchmark(spec)
+    rows: list[dict] = []
+    if config is not None:
+        shard = Shard.resolve(args.shard)
+        result = run_sweep(config, out, bar=not args.quiet, shard=shard, items=bench.items)
+        if shard.count > 1 and finish_shard(out, shard, result) is None:
+            return 0
+        rows = read_rows(out)
+        print(f"{len(rows)} rows ({result.ran} run now, {result.skipped} already done) in {out / RESULTS} and "
+              f"{out / CSV_NAME}")
+    for item in bench.items:   # the copy baseline's picture; the sweep wrote it already when it ran
+        path = out / "images" / item.id / "input.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(item.image, path, overwrite=True)
+    written = write_summary(out, bench, spec, list(dict.fromkeys(args.methods)), rows)
+    print(f"{len(bench.items)} items of {bench.name}; wrote {', '.join(str(p) for p in written)}")
+    return 0
