@@ -151,6 +151,9 @@ class Item:
 
 def load_items(spec: dict) -> list[Item]:
     """{"benchmark": "shapes", "count": N} or {"folder": DIR} (see the module docstring)."""
+    if isinstance(spec, dict) and spec.get("benchmark") in ("imagenet", "pie-bench", "pairs"):
+        raise ParameterError(f"the {spec['benchmark']} benchmark runs with `diffedit bench {spec['benchmark']}` "
+                             "(research/benchmarks reads its items), not as a sweep config.")
     if isinstance(spec, dict) and spec.get("benchmark") is not None:
         if spec["benchmark"] != "shapes" or not _is_int(spec.get("count")) or spec["count"] < 1:
             raise ParameterError('benchmark items read {"benchmark": "shapes", "count": N} with N >= 1.')
