@@ -2,21 +2,18 @@
 
     image_grid(sweep_dir, column="strength")       rows = items, columns = values of a swept axis
     mask_overlays(sweep_dir)                       input | soft map | mask | ground truth | edit
-    difference_maps(mask_result_or_sweep_dir)      |eps_target - eps_source| of each noise sample,
-                                                   their mean, the normalised map and the mask
-    tradeoff_curve(sweep_dir, x="success", y="bg_psnr_gt", along="strength")
-                                                   metric against metric along r (the paper's
-                                                   trade-off plots), one curve per value of `by`
+    difference_maps(mask_result_or_sweep_dir)      each sample's |eps_target - eps_source|, mean, map, mask
+    tradeoff_curve(sweep_dir, "success", "bg_psnr_gt")  metric against metric along r, axes from LABELS
 
-Every figure is exactly the pixel size its docstring states. Matplotlib is an optional extra
-(pip install 'diffedit-sd[plots]'), imported only when a figure is drawn; figures overwrite
-their file by default, as they are rebuilt from the sweep's table.
+Every figure is exactly the pixel size its docstring states. Matplotlib is an optional extra ('diffedit-sd[plots]'),
+imported only when a figure is drawn; figures overwrite their file by default (rebuilt from the sweep's table).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +24,44 @@ from diffedit.errors import DiffEditError, ParameterError
 from diffedit.io.images import atomic_write
 from diffedit.io.pictures import mask_to_pil, overlay_mask
 from diffedit.research.plan import AXES
-from diffedit.research.table import ITEMS_NAME, read_json, read_rows
+from diffedit.research.table import CSV_NAME, ITEMS_NAME, read_json, read_rows
 
 DPI = 100
 NO_PER_SAMPLE = ("this mask has no per-sample maps (they are kept up to 64 noise samples); compute it with "
                  "generate_mask(..., return_per_sample=True) to draw them.")
 HEADER = 20          # pixels above the first row of panels, for the column titles
+
+# A metric column on an axis: (name, unit, direction); LPIPS x100 and CLIPScore 100 x cosine, as the papers.
+LABELS = {
+    "lpips": ("LPIPS x100", "", "lower = closer to the input"),
+    "clip_score": ("CLIPScore", "100 x cosine", "higher = closer to the target text"),
+    "fid": ("FID", "Frechet distance with covariance", "lower = closer to real images"),
+    "sfid": ("SFID", "FlexIT: squared distance of feature means", "lower = closer to real images"),
+    "csfid": ("CSFID", "FlexIT: per-class SFID", "lower = closer to the target class's images"),
+    "accuracy": ("DeiT accuracy", "% classified as the target", "higher = more edits reach the target"),
+    "l1": ("L1 distance", "x100", "lower = closer to the input"),
+    **{k: (name, unit, "higher = closer to the input") for k, name, unit in (
+        ("bg_psnr_gt", "background PSNR", "dB"), ("bg_ssim_gt", "background SSIM", "0-1"),
+        ("bg_psnr_mask", "PSNR outside DiffEdit's mask", "dB"), ("bg_ssim_mask", "SSIM outside DiffEdit's mask", "0-1"),
+        ("bg_psnr_scene", "background PSNR of the scene", "dB"))},
+    "mask_iou": ("mask IoU with the ground truth", "0-1", "higher = better mask"),
+    "success": ("edit success", "fraction of edits", "higher = more edits reach the target"),
+    "unet_samples": ("UNet samples per edit", "", "lower = cheaper"),
+    **{k: (name, "fraction", "") for k, name in (("mask_area", "DiffEdit's mask area"), ("gt_mask_area",
+       "ground-truth mask area"), ("colour_ok", "colour right"), ("shape_ok", "shape right"))},
+}
+
+
+def short_label(column: str) -> str:
+    """A metric's name and unit, e.g. "background PSNR (dB)" (the column name if it is not known)."""
+    name, unit, _ = LABELS.get(column, (column, "", ""))
+    return f"{name} ({unit})" if unit else name
+
+
+def axis_label(column: str) -> str:
+    """Name, unit and direction, e.g. "LPIPS x100, lower = closer to the input" (else the column name)."""
+    direction = LABELS.get(column, ("", "", ""))[2]
+    return f"{short_label(column)}, {direction}" if direction else short_label(column)
 
 
 class PlotsUnavailableError(DiffEditError, ImportError):
@@ -91,12 +120,8 @@ def _where(rows: list[dict], where: dict | None) -> list[dict]:
 
 def varying_axes(rows: list[dict]) -> dict[str, list]:
     """Grid axes taking more than one value in `rows`, with their values in order of appearance."""
-    out = {}
-    for axis in AXES:
-        values = list(dict.fromkeys(r[axis] for r in rows if axis in r))
-        if len(values) > 1:
-            out[axis] = values
-    return out
+    values = {axis: list(dict.fromkeys(r[axis] for r in rows if axis in r)) for axis in AXES}
+    return {axis: v for axis, v in values.items() if len(v) > 1}
 
 
 def _unique(rows: list[dict], field: str, what: str) -> dict:
@@ -138,7 +163,8 @@ def _default_out(folder: Path, name: str) -> Path:
 
 def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, out=None, cell: int = 128,
                max_items: int | None = 8, annotate: str | None = None, overwrite: bool = True) -> Path:
-    """Rows = items, first column the input, then one column per value of `column`. Size:
+    """Rows = items (labelled "source -> target"), first column the input, then one column per
+    value of `column`. Size:
     ((values + 1) * cell) x (HEADER + items * cell) pixels. `annotate` names a metric printed on
     each edit (e.g. "bg_psnr_gt"). Other axes that vary must be fixed by `where`."""
     folder, rows, items = _load(sweep_dir)
@@ -148,18 +174,20 @@ def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, o
                              "and that the sweep saved images.")
     values = _sorted_values(r[column] for r in rows)
     ids = _item_ids(rows, items, max_items)
-    inputs = {it["id"]: it.get("input") for it in items}
+    info = {it["id"]: it for it in items}
     width, height = (len(values) + 1) * cell, HEADER + len(ids) * cell
     fig = _figure(width, height)
     _title(fig, "input", 0, cell, width, height)
     for c, v in enumerate(values, start=1):
         _title(fig, f"{column} = {v}", c, cell, width, height)
     for i, item in enumerate(ids):
-        picture = _open(folder, inputs.get(item))
+        picture = _open(folder, info.get(item, {}).get("input"))
         ax = _panel(fig, 0, i, cell, width, height)
         if picture is not None:
             ax.imshow(picture)
-        ax.text(2, 2, item, fontsize=6, va="top", color="white", backgroundcolor="black")
+        label = row_label(info.get(item, {}), width, max(1, (cell // 3 - 6) // 8))   # the top third of a row
+        fig.text(2 / width, 1 - (HEADER + i * cell + 3) / height, label,
+                 fontsize=6, va="top", color="white", bbox={"facecolor": "black", "pad": 1, "linewidth": 0})
         for c, v in enumerate(values, start=1):
             cell_rows = [r for r in rows if r["item"] == item and r[column] == v]
             ax = _panel(fig, c, i, cell, width, height)
@@ -172,6 +200,17 @@ def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, o
                 text = f"{annotate} {value:.3g}" if isinstance(value, float) else f"{annotate} {value}"
                 ax.text(2, 2, text, fontsize=6, va="top", color="white", backgroundcolor="black")
     return _save(fig, Path(out) if out else _default_out(folder, f"grid-{column}.png"), overwrite)
+
+
+def row_label(item: dict, width: int, lines: int = 2) -> str:
+    """A grid row's "source -> target" (else the item id) in `lines` lines of `width` px; if longer, what differs."""
+    chars = max(8, int(width / 4.6))
+    text = f"{item['source']} -> {item['target']}" if "target" in item else str(item.get("id", ""))
+    if "target" in item and len(textwrap.wrap(text, chars)) > lines:
+        s, t = item["source"].split(), item["target"].split()
+        k, e = (len(os.path.commonprefix(pair)) for pair in ([s, t], [s[::-1], t[::-1]]))
+        text = " -> ".join(f"…{' '.join(w[max(k - 1, 0):len(w) - e + 1])}…" for w in (s, t))
+    return textwrap.fill(textwrap.shorten(text, chars * lines, placeholder="…"), chars)
 
 
 # ---------------------------------------------------------------------- masks
@@ -295,30 +334,39 @@ def tradeoff_table(rows: list[dict], x: str, y: str, along: str = "strength", by
 def tradeoff_curve(sweep_dir, x: str = "success", y: str = "bg_psnr_gt", along: str = "strength",
                    by: str | None = None, where: dict | None = None, out=None, size: tuple[int, int] = (640, 480),
                    overwrite: bool = True) -> Path:
-    """Mean metric y against mean metric x, one point per value of `along` (labelled), one curve
-    per value of `by` (e.g. "ablation"). Size: `size` pixels. Other axes that vary should be fixed
-    by `where`, or their runs are averaged together."""
+    """Mean metric y against mean metric x, one point per value of `along` (labelled), one curve per value of
+    `by` (e.g. "ablation"). Size: `size` pixels. Other axes that vary: fix them by `where`, or they are averaged."""
     folder, rows, _ = _load(sweep_dir)
     table = tradeoff_table(rows, x, y, along, by, where)
     if not table:
-        raise ParameterError(f"no run has both {x!r} and {y!r}; pick metrics that are columns of "
-                             f"{folder / 'results.csv'}.")
+        raise ParameterError(f"no run has both {x!r} and {y!r}; pick metrics that are columns of {folder / CSV_NAME}.")
+    table = [{**t, "group": f"{by} = {t['group']}" if by else None} for t in table]
+    title = f"{short_label(y)} against {short_label(x)} along {along}"
+    return draw_tradeoff(table, x, y, Path(out) if out else _default_out(folder, f"tradeoff-{y}-vs-{x}.png"), title,
+                         along, size=size, overwrite=overwrite)
+
+
+def draw_tradeoff(table: list[dict], x: str, y: str, out, title: str, along: str = "strength",
+                  anchor: tuple | None = None, size: tuple[int, int] = (640, 480), overwrite: bool = True) -> Path:
+    """Metric y against x (axes named by axis_label) from tradeoff_table's rows, one line per group (its
+    legend), points labelled r=...; `anchor` = (legend, x, y): a star, the copy baseline. Size: `size` px."""
     fig = _figure(*size)
-    ax = fig.add_axes([0.12, 0.12, 0.83, 0.8])
+    ax = fig.add_axes([0.13, 0.12, 0.82, 0.8])
     for group in dict.fromkeys(t["group"] for t in table):
         points = [t for t in table if t["group"] == group]
-        ax.plot([t["x"] for t in points], [t["y"] for t in points], marker="o",
-                label=f"{by} = {group}" if by else None)
+        ax.plot([t["x"] for t in points], [t["y"] for t in points], marker="o", label=group)
         for t in points:
             ax.annotate(f"{'r' if along == 'strength' else along}={t['along']}", (t["x"], t["y"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    if anchor is not None:
+        ax.plot([anchor[1]], [anchor[2]], marker="*", markersize=12, color="black", linestyle="none", label=anchor[0])
+    ax.set_xlabel(axis_label(x), fontsize=8)
+    ax.set_ylabel(axis_label(y), fontsize=8)
     ax.grid(alpha=0.3)
-    if by:
+    if any(t["group"] is not None for t in table) or anchor is not None:
         ax.legend(fontsize=8)
-    ax.set_title(f"{y} vs {x} along {along}", fontsize=9)
-    return _save(fig, Path(out) if out else _default_out(folder, f"tradeoff-{y}-vs-{x}.png"), overwrite)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, Path(out), overwrite)
 
 
 # ---------------------------------------------------------------------- defaults for the CLI

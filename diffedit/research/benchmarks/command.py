@@ -8,6 +8,7 @@ every r), resuming and sharding as `diffedit sweep`.
       common: [--limit N [--subset-seed S]] [--strengths 0.2 0.4 ...] [--methods diffedit sdedit ...]
               [--steps 50 --mask-samples 10 --threshold 0.5 --guidance 7.5 --seed S] [--resolution PX]
               [--shard K/N] (or torchrun / a Slurm array, as `diffedit sweep`)
+    diffedit bench report DIR [--pair X Y ...]   the trade-off figures and report.md (research/report.py)
 
 Methods (the paper's curves): diffedit; diffedit-no-encoding (the mask, with noised latents
 instead of DDIM-encoded ones); sdedit (no mask, no encoding); encode-decode (DDIM encoding,
@@ -32,6 +33,7 @@ from diffedit.research.benchmarks import NAMES, read_benchmark
 from diffedit.research.benchmarks.summary import METHODS, write_summary
 from diffedit.research.command import finish_shard
 from diffedit.research.plan import SweepConfig
+from diffedit.research.report import write_report
 from diffedit.research.shards import Shard
 from diffedit.research.sweep import run_sweep
 from diffedit.research.table import CSV_NAME, RESULTS, read_json, read_rows
@@ -42,9 +44,14 @@ STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)   # the r grid of the curves (as `diffedit
 
 def add_arguments(parser) -> None:
     """Arguments of `diffedit bench BENCHMARK [FILE]`."""
-    parser.add_argument("benchmark", choices=NAMES, help="imagenet (FlexIT's class edits), pie-bench, or pairs "
-                        "(a CSV / JSONL of image, source, target[, mask] rows)")
-    parser.add_argument("file", nargs="?", help="the pairs file (for `pairs`; or give it with --data)")
+    parser.add_argument("benchmark", choices=(*NAMES, "report"), help="imagenet (FlexIT's class edits), pie-bench, "
+                        "or pairs (a CSV / JSONL of image, source, target[, mask] rows); or `report DIR` to draw "
+                        "a finished bench folder's trade-off figures and write its report.md")
+    parser.add_argument("file", nargs="?", help="the pairs file (for `pairs`; or give it with --data); for "
+                        "`report`, the bench folder")
+    parser.add_argument("--pair", nargs=2, action="append", default=None, metavar=("X", "Y"), help="report: draw "
+                        "metric Y against metric X (repeatable; default: the paper's LPIPS against CLIPScore, CSFID "
+                        "and FID when measured, else background PSNR against success or mask IoU)")
     parser.add_argument("--data", default=None, help="imagenet: the ImageNet validation folder; pie-bench: the "
                         "folder with mapping_file.json and annotation_images/; pairs: the pairs file")
     parser.add_argument("--model", default=None, help="model folder / file / hub id (default: the embedded model)")
@@ -115,7 +122,12 @@ def sweep_config(args, spec: dict) -> dict | None:
 
 def run(args) -> int:
     """Read the benchmark, run (or resume) its sweep, then write the copy baseline and the summary
-    once the table is complete (in this process, or in the one that merges the shards)."""
+    once the table is complete (in this process, or in the one that merges the shards).
+    `diffedit bench report DIR` draws a finished folder's figures and writes its report.md."""
+    if args.benchmark == "report":
+        return run_report(args)
+    if args.pair:
+        raise ParameterError("--pair is an option of `diffedit bench report DIR`.")
     spec = reader_spec(args)
     config = sweep_config(args, spec)
     if config is not None:
@@ -142,4 +154,13 @@ def run(args) -> int:
             save_image(item.image, path, overwrite=True)
     written = write_summary(out, bench, spec, list(dict.fromkeys(args.methods)), rows)
     print(f"{len(bench.items)} items of {bench.name}; wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def run_report(args) -> int:
+    """`diffedit bench report DIR [--pair X Y ...]`: figures and report.md in DIR."""
+    if not args.file or args.data:
+        raise ParameterError("`diffedit bench report` needs the bench folder: diffedit bench report DIR.")
+    written = write_report(args.file, [tuple(p) for p in args.pair] if args.pair else None)
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
