@@ -1,8 +1,8 @@
-"""Attention on the CPU at the shapes of SD 1.5: does anything beat torch's
+"""Attention on the CPU at the shapes of SD 1.x / 2.x: does anything beat torch's
 `scaled_dot_product_attention` (SDPA) as diffedit.models.attention calls it? (A study, not a test.)
 
-    python benchmarks/bench_attention_cpu.py                 # all shapes and variants
-    python benchmarks/bench_attention_cpu.py --repeats 3 --shapes self-64
+    python benchmarks/bench_attention_cpu.py                 # the shapes of a 256-px edit, all variants
+    python benchmarks/bench_attention_cpu.py --repeats 3 --shapes self-64 --variants sdpa onednn-heads
 
 Every variant takes q, k, v as the UNet hands them over, (B, N, heads * d), and returns
 (B, Nq, heads * d), so layout changes are paid for inside the timing. Variants:
@@ -12,7 +12,11 @@ Every variant takes q, k, v as the UNet hands them over, (B, N, heads * d), and 
 - sdpa-pad48      head dim zero-padded to a multiple of 16 (q·k unchanged; scale set explicitly)
 - blocks-fp32     query blocks of 1024 rows: softmax(q k^T * s) v with fp32 matmuls
 - blocks-bf16mm   query blocks, the two matmuls in bf16 (fp32 accumulation), softmax in fp32
+- onednn-heads    one head at a time, both matmuls as oneDNN inner products (q k^T with k as the
+                  weight, then p v with v^T as the weight), softmax in between: oneDNN uses
+                  AVX-512 where torch's BLAS (MKL) does not (packed_linear.py)
 - sdpa-bf16       SDPA on bf16 inputs (what the bf16 pipeline runs)
+- blocks-bf16     query blocks of 256 rows on bf16 inputs: bf16 matmuls (oneDNN), softmax in fp32
 
 Each is warmed up once, then timed `repeats` times in rotating order; the table gives medians,
 effective GFLOP/s (4 B h Nq Nk d per call) and the max abs error against fp32 SDPA.
@@ -29,13 +33,24 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-# name -> (batch, heads, query tokens, key tokens, head dim): SD 1.5 at 512 px, batch 2 (guidance)
+# name -> (batch, heads, query tokens, key tokens, head dim), batch 2 (guidance). SD 1.5 has 8 heads
+# (head dim 40, 80, 160 at the three attention levels), SD 2.x heads of dim 64, the VAE one head
+# of 512. The default set is a 256-px edit (latents 32x32: 1024, 256 and 64 tokens); "-512" are
+# SD 1.5 at 512 px.
 SHAPES = {
-    "self-64": (2, 8, 4096, 4096, 40),
-    "self-32": (2, 8, 1024, 1024, 80),
-    "cross-64": (2, 8, 4096, 77, 40),
-    "cross-32": (2, 8, 1024, 77, 80),
+    "sd1-self-1024": (2, 8, 1024, 1024, 40),
+    "sd1-cross-1024": (2, 8, 1024, 77, 40),
+    "sd1-self-256": (2, 8, 256, 256, 80),
+    "sd1-cross-256": (2, 8, 256, 77, 80),
+    "sd1-self-64": (2, 8, 64, 64, 160),
+    "sd2-self-1024": (2, 5, 1024, 1024, 64),
+    "sd2-self-256": (2, 10, 256, 256, 64),
+    "sd2-self-64": (2, 20, 64, 64, 64),
+    "vae-self-1024": (1, 1, 1024, 1024, 512),
+    "sd1-self-4096-512": (2, 8, 4096, 4096, 40),
+    "sd1-cross-4096-512": (2, 8, 4096, 77, 40),
 }
+DEFAULT_SHAPES = [name for name in SHAPES if not name.endswith("-512")]
 BLOCK = 1024
 
 
@@ -69,8 +84,31 @@ def blocks(q, k, v, heads, mm_dtype):
     return rearrange(out, "(b h) n d -> b n (h d)", h=heads)
 
 
+def onednn_heads(q, k, v, heads):
+    linear = torch.ops.mkldnn._linear_pointwise
+    d = q.shape[-1] // heads
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            scores = linear(q[b, :, cols] * d ** -0.5, k[b, :, cols].contiguous(), None, "none", [], "")
+            out[b, :, cols] = linear(scores.softmax(dim=-1), v[b, :, cols].t().contiguous(), None, "none", [], "")
+    return out
+
+
 def sdpa_bf16(q, k, v, heads):
     return sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads).float()
+
+
+def blocks_bf16(q, k, v, heads, block=256):
+    d = q.shape[-1] // heads
+    q, k, v = (rearrange(x.bfloat16(), "b n (h d) -> (b h) n d", h=heads) for x in (q, k, v))
+    kt = (k * d ** -0.5).transpose(1, 2).contiguous()
+    out = torch.empty(q.shape, dtype=torch.bfloat16)
+    for i in range(0, q.shape[1], block):
+        scores = torch.softmax(torch.bmm(q[:, i:i + block], kt), dim=-1, dtype=torch.float32)
+        out[:, i:i + block] = torch.bmm(scores.bfloat16(), v)
+    return rearrange(out, "(b h) n d -> b n (h d)", h=heads).float()
 
 
 VARIANTS = {
@@ -79,7 +117,9 @@ VARIANTS = {
     "sdpa-pad48": sdpa_pad48,
     "blocks-fp32": lambda q, k, v, h: blocks(q, k, v, h, torch.float32),
     "blocks-bf16mm": lambda q, k, v, h: blocks(q, k, v, h, torch.bfloat16),
+    "onednn-heads": onednn_heads,
     "sdpa-bf16": sdpa_bf16,
+    "blocks-bf16": blocks_bf16,
 }
 
 
@@ -113,11 +153,12 @@ def bench_shape(name: str, repeats: int, variants: list[str]) -> list[Row]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from bench_pipeline import cpu_name
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_name()}")
     print("| shape (B, heads, Nq, Nk, d) | variant | median ms | GFLOP/s | vs sdpa | max abs err |")
     print("|---|---|---|---|---|---|")
     for name in args.shapes:

@@ -4,19 +4,27 @@ floor figure. A profiling script, not a test.
 
     python benchmarks/profile_unet.py                  # SD 1.5 architecture, batch 2, 256 px (32x32 latents)
     python benchmarks/profile_unet.py --size 512       # 64x64 latents
+    python benchmarks/profile_unet.py --linear torch   # linear layers on torch's default backend (DIFFEDIT_CPU_LINEAR)
     python benchmarks/profile_unet.py --quick          # the tiny reference model: checks the script
 
-It first times a 2048^3 fp32 matmul: the practical peak of this machine's BLAS. It then loads the
-model as the pipeline does (fp32, 3x3 convolutions packed on the CPU), warms the UNet up, and
-profiles `--calls` calls with torch.profiler; each op's self time goes to a kind (3x3 convolution,
-1x1 convolution, linear, attention, normalisation, element-wise, rest). FLOPs come from forward
-hooks: 2 x multiply-adds of every convolution and linear layer, and 4 x B x Lq x Lk x width for
-each attention (QK^T and the weighted sum of V). Kinds without FLOPs are memory-bound.
+It first measures the machine's peak: the best of the candidate GEMMs (torch's matmul, i.e. its
+BLAS, and oneDNN's linear with a prepacked weight) on a 2048^3 problem in the profiled dtype,
+and, where /proc/cpuinfo tells the clock and the vector width, the theoretical FMA peak
+(threads x clock x 2 FMA units x lanes x 2; a core running above the reported clock beats it). It
+then loads the model as the pipeline does (3x3 convolutions packed on the CPU, linear layers on
+the chosen backend), warms the UNet up, and profiles `--calls` calls with torch.profiler; each
+op's self time goes to a kind (3x3 convolution, 1x1 convolution, linear, attention,
+normalisation, element-wise, rest), and the table names the backend of the ops that ran each
+kind. FLOPs come from forward hooks: 2 x multiply-adds of every convolution and linear layer, and
+4 x B x Lq x Lk x width for each attention (QK^T and the weighted sum of V). Kinds without FLOPs
+are memory-bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
+import re
 import statistics
 import sys
 import time
@@ -31,30 +39,66 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_pipeline import ensure_model, model_folder  # noqa: E402
+from bench_pipeline import cpu_name, ensure_model, model_folder  # noqa: E402
 
 from diffedit.models.packed_conv import PackedConv2d  # noqa: E402
+from diffedit.models.packed_linear import PackedLinear, backend_of  # noqa: E402
 from diffedit.pipeline import DiffEditPipeline  # noqa: E402
 from diffedit.models.unet import Attention  # noqa: E402
 from diffedit.models.vae import SelfAttention  # noqa: E402
 
 KINDS = {  # profiler op name -> kind (anything else: "rest")
     "mkldnn::_convolution_pointwise": "conv 3x3", "aten::mkldnn_convolution": "conv 1x1",
-    "aten::addmm": "linear", "aten::mm": "linear", "aten::bmm": "attention",
+    "aten::addmm": "linear", "aten::mm": "linear", "mkldnn::_linear_pointwise": "linear", "aten::bmm": "attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "aten::native_group_norm": "norm", "aten::native_layer_norm": "norm",
     "aten::silu": "element-wise", "aten::gelu": "element-wise", "aten::add": "element-wise",
     "aten::mul": "element-wise", "aten::copy_": "element-wise", "aten::cat": "element-wise",
     "aten::upsample_nearest2d": "element-wise",
 }
+BACKENDS = {  # profiler op name -> the library that ran it
+    "mkldnn::_convolution_pointwise": "oneDNN, prepacked", "aten::mkldnn_convolution": "oneDNN via torch",
+    "aten::addmm": "torch matmul", "aten::mm": "torch matmul", "aten::bmm": "torch matmul",
+    "mkldnn::_linear_pointwise": "oneDNN, prepacked",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "torch SDPA (flash, CPU)",
+}
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n^3 fp32 matmul, best of `repeats`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+def matmul_peaks(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n^3 matmul in `dtype` by each candidate GEMM, best of `repeats` each, in
+    alternating order."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    candidates = {"torch matmul": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
+        candidates["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    times: dict[str, list] = defaultdict(list)
+    with torch.inference_mode():
+        for fn in candidates.values():
+            fn()  # warm-up
+        for r in range(repeats):
+            for name in (list(candidates) if r % 2 == 0 else list(candidates)[::-1]):
+                times[name].append(_timed(candidates[name]))
+    return {name: 2 * n**3 / min(t) / 1e9 for name, t in times.items()}
+
+
+def theoretical_peak(dtype: torch.dtype) -> tuple[float, str] | None:
+    """(GFLOP/s, how) from /proc/cpuinfo: threads x clock x 2 FMA units x lanes x 2 FLOP, or None
+    where the clock or the vector width cannot be read (bf16 dot products count as fp32 FMAs x 2)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    clock, flags = re.search(r"cpu MHz\s*:\s*([\d.]+)", info), re.search(r"flags\s*:(.*)", info)
+    if platform.machine() != "x86_64" or not clock or not flags:
+        return None
+    flags = set(flags[1].split())
+    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
+    if dtype == torch.bfloat16:
+        lanes *= 2 if ("avx512_bf16" in flags and lanes == 16) else 1
+    threads, ghz = torch.get_num_threads(), float(clock[1]) / 1e3
+    peak = threads * ghz * 2 * lanes * 2
+    return peak, f"{threads} threads x {ghz:.2f} GHz (reported clock) x 2 FMA units x {lanes} lanes x 2"
 
 
 def _timed(fn) -> float:
@@ -89,7 +133,7 @@ def count_flops(model: nn.Module) -> tuple[dict, list]:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, PackedConv2d)):
             handles.append(m.register_forward_hook(conv))
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, (nn.Linear, PackedLinear)):
             handles.append(m.register_forward_hook(linear))
         elif isinstance(m, Attention):
             handles.append(m.register_forward_hook(attention, with_kwargs=True))
@@ -98,18 +142,22 @@ def count_flops(model: nn.Module) -> tuple[dict, list]:
     return flops, handles
 
 
-def profile_calls(fn, calls: int) -> dict[str, float]:
-    """Self CPU seconds per call, by kind."""
+def profile_calls(fn, calls: int) -> tuple[dict[str, float], dict[str, set]]:
+    """Self CPU seconds per call by kind, and the backends of the ops of each kind."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             fn()
     seconds: dict[str, float] = defaultdict(float)
+    backends: dict[str, set] = defaultdict(set)
     for event in prof.key_averages():
-        seconds[KINDS.get(event.key, "rest")] += event.self_cpu_time_total / 1e6 / calls
-    return seconds
+        kind = KINDS.get(event.key, "rest")
+        seconds[kind] += event.self_cpu_time_total / 1e6 / calls
+        if event.key in BACKENDS and event.self_cpu_time_total > 0:
+            backends[kind].add(BACKENDS[event.key])
+    return seconds, backends
 
 
-def report(title: str, wall: float, seconds: dict, flops: dict, peak: float) -> None:
+def report(title: str, wall: float, seconds: dict, flops: dict, peak: float, backends: dict) -> None:
     threads = torch.get_num_threads()
     total_self = sum(seconds.values())
     print(f"\n{title}: {wall:.3f} s per call (wall, median of the timed calls); profiler self time "
@@ -119,7 +167,8 @@ def report(title: str, wall: float, seconds: dict, flops: dict, peak: float) -> 
         s = seconds[kind] / total_self * wall
         gflop = flops.get(kind, 0.0) / 1e9
         rate = f"{gflop / s:8.1f} {gflop / s / peak:8.0%}" if gflop else f"{'-':>8s} {'-':>8s}"
-        print(f"{kind:14s} {s:8.3f} {s / wall:7.1%} {gflop:8.1f} {rate}")
+        ran = f"  ({', '.join(sorted(backends[kind]))})" if backends.get(kind) else ""
+        print(f"{kind:14s} {s:8.3f} {s / wall:7.1%} {gflop:8.1f} {rate}{ran}")
     all_flops = sum(flops.values()) / 1e9
     print(f"{'all':14s} {wall:8.3f} {1:7.0%} {all_flops:8.1f} {all_flops / wall:8.1f} "
           f"{all_flops / wall / peak:8.0%}   ({threads} threads)")
@@ -131,6 +180,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2: guidance or a mask chunk)")
     parser.add_argument("--calls", type=int, default=3, help="timed and profiled calls (after one warm-up)")
     parser.add_argument("--quick", action="store_true", help="tiny reference model, 32 px")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's dtype")
+    parser.add_argument("--linear", choices=("auto", "torch", "onednn"), default=None,
+                        help="backend of the linear layers (default: DIFFEDIT_CPU_LINEAR, else auto)")
     parser.add_argument("--cache", default=None, help="model folder, built there if missing "
                         "(default /tmp/sd15-random; --quick: /tmp/tiny-random)")
     args = parser.parse_args()
@@ -140,14 +192,24 @@ def main() -> None:
     arch, size = ("tiny", 32) if args.quick else ("sd15", args.size)
     model = ensure_model(arch, model_folder(args.cache, args.quick))
 
-    pipe = DiffEditPipeline.from_pretrained(model, dtype="fp32")
+    pipe = DiffEditPipeline.from_pretrained(model, dtype=args.dtype, linear_backend=args.linear)
     if size % pipe.config.vae.downsample_factor:
         parser.error(f"--size must be a multiple of {pipe.config.vae.downsample_factor} (the VAE's downsampling), "
                      f"got {size}")
     side = size // pipe.config.vae.downsample_factor
-    peak = matmul_peak(256 if args.quick else 2048)
-    print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    latents = torch.randn(args.batch, pipe.config.unet.in_channels, side, side)
+    peaks = matmul_peaks(pipe.dtype, 256 if args.quick else 2048)
+    peak = max(peaks.values())
+    print(f"{args.dtype} matmul peak of this machine: {peak:.1f} GFLOP/s, the best of "
+          + ", ".join(f"{name} {rate:.1f}" for name, rate in peaks.items()) + f" ({torch.get_num_threads()} threads)")
+    theory = theoretical_peak(pipe.dtype)
+    print(f"theoretical FMA peak: {theory[0]:.1f} GFLOP/s ({theory[1]})" if theory else
+          "theoretical FMA peak: unknown (no clock or vector width in /proc/cpuinfo)")
+    print(f"CPU: {cpu_name()}, torch capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"linear layers: {backend_of(pipe.unet)}; torch matmul = "
+          + ("its BLAS (MKL on x86)" if pipe.dtype == torch.float32 else "oneDNN, reordering the weight per call"))
+    latents = torch.randn(args.batch, pipe.config.unet.in_channels, side, side).to(pipe.dtype)
+    if pipe.dtype == torch.bfloat16:
+        latents = latents.contiguous(memory_format=torch.channels_last)
     context = pipe.encode_prompt(["a bowl of fruit"] * args.batch)
     timesteps = torch.full((args.batch,), 500)
 
@@ -161,8 +223,8 @@ def main() -> None:
             for h in handles:
                 h.remove()
             wall = statistics.median(_timed(call) for _ in range(args.calls))
-            seconds = profile_calls(call, args.calls)
-            report(title, wall, seconds, flops, peak)
+            seconds, backends = profile_calls(call, args.calls)
+            report(title, wall, seconds, flops, peak, backends)
 
 
 if __name__ == "__main__":

@@ -113,21 +113,30 @@ def test_unet(full, size, timestep):
 
 
 @torch.inference_mode()
-def test_unet_with_packed_convolutions(full):
-    """The pipeline's CPU path (3x3 convolutions packed for oneDNN, diffedit/packed_conv.py) meets
-    the same bar; the model is unpacked again afterwards."""
+def test_models_with_packed_convolutions_and_linear_layers(full):
+    """The pipeline's CPU path (3x3 convolutions packed for oneDNN, diffedit/models/packed_conv.py;
+    every linear layer on oneDNN with a prepacked weight, packed_linear.py) meets the same bar;
+    the models are unpacked again afterwards."""
     from diffedit.models.packed_conv import pack_convolutions, unpack_convolutions
+    from diffedit.models.packed_linear import pack_linears, unpack_linears
     if not torch.backends.mkldnn.is_available():
         pytest.fail("torch was built without oneDNN: the pipeline's CPU path cannot be checked")
-    count = pack_convolutions(full.model.unet)
+    model = full.model
+    count = pack_convolutions(model.unet)
+    linears = {name: pack_linears(getattr(model, name)) for name in ("unet", "vae", "text_encoder")}
     try:
-        assert count > 50
+        assert count > 50 and linears["unet"] > 100 and linears["vae"] >= 4 and linears["text_encoder"] > 40
         for size in LATENT_SIZES:
-            out = full.model.unet(full.inputs[f"latents{size}"], TIMESTEPS[-1], full.inputs["context"])
+            out = model.unet(full.inputs[f"latents{size}"], TIMESTEPS[-1], full.inputs["context"])
             compare(f"{full.arch} UNet packed {size}x{size} t={TIMESTEPS[-1]}", out,
                     full.expected[f"unet{size}/{TIMESTEPS[-1]}"])
+        compare(f"{full.arch} VAE decode packed {IMAGE_SIZE}px", model.vae.decode(full.inputs["z"]),
+                full.expected["vae_decode"])
+        compare(f"{full.arch} text encoder packed", model.text_encoder(full.inputs["ids"]), full.expected["text"])
     finally:
-        unpack_convolutions(full.model.unet)
+        unpack_convolutions(model.unet)
+        for name in linears:
+            unpack_linears(getattr(model, name))
 
 
 @torch.no_grad()

@@ -13,9 +13,11 @@ input shape changes. Re-packing every weight costs more than a UNet call, and an
 batch twice (mask and decoding at batch 2, inversion at batch 1). The big weights (>= REPACK_BYTES:
 the 1280- and 640-channel convolutions of the low levels) run about as fast whatever batch size
 their layout was picked for, the small ones do not; so big weights are re-packed only when the
-image size changes, small ones (a tenth of the bytes) at every shape change. The parameter count,
-`state_dict()` keys and values (plain layout) are those of `nn.Conv2d`; the results differ from
-the plain convolution by rounding only (another summation order).
+image size changes, small ones (a tenth of the bytes) at every shape change; each re-pack runs
+inside host_memory.big_blocks_mapped, so the layout it replaces goes back to the system instead of
+leaving a hole in the heap. The parameter count, `state_dict()` keys and values (plain layout) are
+those of `nn.Conv2d`; the results differ from the plain convolution by rounding only (another
+summation order).
 
 1x1 convolutions are left alone: packing did not help them and sometimes made them much slower.
 When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed op has no
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffedit import devices
+from diffedit import devices, host_memory
 
 REPACK_BYTES = 16 * 2**20  # weights this big keep their layout across batch sizes (see above)
 
@@ -61,10 +63,11 @@ class PackedConv2d(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             return F.conv2d(x, self.plain_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.packed_for is None or self._layout_key(x.shape) != self._layout_key(self.packed_for):
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.plain_weight(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                list(x.shape))
-            self.weight = nn.Parameter(packed, requires_grad=False)  # the old layout is freed here
+            with host_memory.big_blocks_mapped():  # the old layout goes back to the system (host_memory.py)
+                packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    self.plain_weight(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                    list(x.shape))
+                self.weight = nn.Parameter(packed, requires_grad=False)  # the old layout is freed here
             self.packed_for = tuple(x.shape)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
@@ -84,22 +87,23 @@ class PackedConv2d(nn.Module):
                 f"padding={self.padding}, packed_for={self.packed_for}")
 
 
-def _replace_children(module: nn.Module, replace) -> int:
-    """Swap each submodule `c` for which replace(c) is not None, one at a time; returns the count."""
+def replace_children(module: nn.Module, replace) -> int:
+    """Swap each submodule `c` for which replace(c) is not None, one at a time; returns the count.
+    Only (parent, name) pairs are listed up front: a list of the children themselves would keep
+    every replaced module, and its weights, alive until the end."""
     count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            new = replace(child)
-            if new is not None:
-                setattr(parent, name, new)
-                count += 1
+    for parent, name in [(parent, name) for parent in module.modules() for name, _ in parent.named_children()]:
+        new = replace(getattr(parent, name))
+        if new is not None:
+            setattr(parent, name, new)
+            count += 1
     return count
 
 
 def pack_convolutions(module: nn.Module) -> int:
     """Replace every non-1x1 `nn.Conv2d` inside `module` by a `PackedConv2d` (in place, one at a
     time, so no second copy of the weights is ever held). Returns how many were replaced."""
-    return _replace_children(module, lambda c: PackedConv2d(c) if type(c) is nn.Conv2d and c.kernel_size != (1, 1)
+    return replace_children(module, lambda c: PackedConv2d(c) if type(c) is nn.Conv2d and c.kernel_size != (1, 1)
                              else None)
 
 
@@ -114,4 +118,4 @@ def _plain_conv(packed: PackedConv2d) -> nn.Conv2d:
 
 def unpack_convolutions(module: nn.Module) -> int:
     """Turn every `PackedConv2d` back into a plain `nn.Conv2d` (same weights). Returns the count."""
-    return _replace_children(module, lambda c: _plain_conv(c) if isinstance(c, PackedConv2d) else None)
+    return replace_children(module, lambda c: _plain_conv(c) if isinstance(c, PackedConv2d) else None)

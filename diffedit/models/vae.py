@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from diffedit import host_memory
 from diffedit.errors import ParameterError
 from diffedit.models.attention import attention
 from diffedit.models.blocks import Downsample, ResnetBlock, Upsample
@@ -189,7 +190,10 @@ def encode_sliced(vae: AutoencoderKL, images: torch.Tensor, tile_above: int | No
 
 def decode_sliced(vae: AutoencoderKL, z: torch.Tensor, tile_above: int | None = TILE_ABOVE,
                   tile: int = DECODE_TILE, overlap: int = DECODE_OVERLAP) -> torch.Tensor:
-    """vae.decode of each latent alone, tiled when the image side would exceed `tile_above` pixels."""
+    """vae.decode of each latent alone, tiled when the image side would exceed `tile_above` pixels.
+    The decoder's full-size activations are the largest of an edit: the free heap the UNet's calls
+    left behind is handed back first, so that the two do not add up (host_memory.py)."""
+    host_memory.release_free_heap()
     f = vae.config.downsample_factor
     out = []
     for latent in z.split(1):

@@ -1,0 +1,125 @@
+"""Linear layers on the CPU's fastest matrix-multiply backend, for inference.
+
+torch's CPU `F.linear` multiplies with the BLAS torch was built with (MKL on x86) in fp32. MKL
+chooses its kernels by the CPU's vendor as well as its instruction set: on AMD processors it
+runs its AVX2 kernels even where the CPU has AVX-512, i.e. vectors half as wide as the machine's.
+oneDNN, which torch also ships (its convolutions run on it), chooses by instruction set alone, and
+its inner-product primitive can take a weight reordered once into its own blocked layout
+("prepacked"), so that no call pays for that reorder again.
+
+`PackedLinear` is an `nn.Linear` whose weight lives in oneDNN's layout: it is packed once, when
+the layer is made, and every inference call is one oneDNN inner product on it. Unlike a
+convolution's (packed_conv.py), this layout does not depend on the number of rows of the input,
+so it is never re-packed when the batch or the image size changes. Parameter count, `state_dict()`
+keys and values (plain layout) are those of `nn.Linear`; results differ from `F.linear` by
+rounding only (another summation order). When autograd is recording for the input, or the input
+has another dtype than the weight, the plain weight is rebuilt and `F.linear` runs (oneDNN's
+fused linear has no backward, and a dtype mismatch gets torch's own error).
+
+Which backend serves the linear layers (`linear_backend`): the caller's choice, else the
+environment variable DIFFEDIT_CPU_LINEAR, else "auto":
+
+- "torch": plain `nn.Linear` (torch's default: MKL in fp32, oneDNN in bf16 on CPUs with AVX-512);
+- "onednn": `PackedLinear`, or ParameterError if oneDNN cannot serve the device and dtype;
+- "auto": a fixed rule from the CPU's capabilities, never a timing race, so that a run repeats
+  bit for bit on a machine of the same kind: "onednn" on an x86 CPU with oneDNN in fp32, and in
+  bf16 where the CPU runs bf16 natively (devices.cpu_has_fast_bf16); "torch" everywhere else
+  (GPUs, other architectures, emulated bf16). The rule was validated with
+  benchmarks/bench_linear_cpu.py (figures and CPUs: README, "Speed on the CPU").
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffedit import devices
+from diffedit.errors import ParameterError
+from diffedit.models.packed_conv import replace_children
+
+VARIABLE = "DIFFEDIT_CPU_LINEAR"
+BACKENDS = ("auto", "torch", "onednn")
+
+
+def onednn_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why oneDNN cannot serve linear layers on `device` in `dtype`, or None when it can."""
+    if device.type != "cpu":
+        return f"oneDNN serves the CPU only, not {device.type}"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch was built without oneDNN"
+    if dtype == torch.bfloat16 and not devices.cpu_has_fast_bf16():
+        return "this CPU has no native bf16 (no AVX-512 or AMX)"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN linear layers serve fp32 and bf16, not {dtype}"
+    return None
+
+
+def linear_backend(device: torch.device, dtype: torch.dtype, requested: str | None = None) -> str:
+    """"onednn" or "torch": the backend of the linear layers of a model on `device` in `dtype`
+    (`requested`, else DIFFEDIT_CPU_LINEAR, else "auto"; see the module docstring)."""
+    source = "linear_backend" if requested is not None else VARIABLE
+    name = str(requested if requested is not None else os.environ.get(VARIABLE, "auto")).strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ParameterError(f"{source}={name!r} is not a backend; use one of {', '.join(BACKENDS)}.")
+    problem = onednn_problem(device, dtype)
+    if name == "onednn" and problem is not None:
+        raise ParameterError(f"{source}='onednn' cannot be served: {problem}; use 'auto' or 'torch'.")
+    if name == "auto":
+        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+        return "onednn" if problem is None and x86 else "torch"
+    return name
+
+
+class PackedLinear(nn.Module):
+    """An `nn.Linear` whose weight lives in oneDNN's blocked layout, packed once."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def plain_weight(self) -> torch.Tensor:
+        return self.weight.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and x.requires_grad) or x.dtype != self.weight.dtype:
+            return F.linear(x, self.plain_weight(), self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.plain_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, onednn"
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Replace every `nn.Linear` inside `module` by a `PackedLinear` (in place, one at a time, so
+    no second copy of the weights is ever held). Returns how many were replaced."""
+    return replace_children(module, lambda c: PackedLinear(c) if type(c) is nn.Linear else None)
+
+
+def _plain_linear(packed: PackedLinear) -> nn.Linear:
+    linear = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None, device="meta")
+    linear.weight = nn.Parameter(packed.plain_weight(), requires_grad=False)
+    if packed.bias is not None:
+        linear.bias = packed.bias
+    return linear
+
+
+def unpack_linears(module: nn.Module) -> int:
+    """Turn every `PackedLinear` back into a plain `nn.Linear` (same weights). Returns the count."""
+    return replace_children(module, lambda c: _plain_linear(c) if isinstance(c, PackedLinear) else None)
+
+
+def backend_of(module: nn.Module) -> str:
+    """"onednn" if `module` holds packed linear layers, else "torch"."""
+    return "onednn" if any(isinstance(m, PackedLinear) for m in module.modules()) else "torch"
