@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffedit import host_memory, method
+from diffedit import method
 from diffedit.arguments import check_finite, check_prompt_pairs, door, prompts
 from diffedit.checkpoints.loading import StableDiffusion, load_model
 from diffedit.devices import parse_device, parse_dtype
@@ -30,7 +30,7 @@ from diffedit.errors import ModelLoadError, ParameterError
 from diffedit.io.images import as_pil, fit_to_model, load_image, restore
 from diffedit.io.pictures import latent_mask_of, mask_to_pil
 from diffedit.mask_maps import maps_of_difference
-from diffedit.models import packed_conv, packed_linear
+from diffedit.models import host_memory, packed_conv, packed_linear
 from diffedit.models.vae import decode_sliced, encode_sliced
 from diffedit.results import (
     DiffEditResult,

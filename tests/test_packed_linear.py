@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffedit import devices, host_memory
+from diffedit import devices
+from diffedit.models import host_memory
 from diffedit.errors import ParameterError
 from diffedit.models import packed_linear
 from diffedit.models.packed_conv import replace_children

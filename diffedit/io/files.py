@@ -24,7 +24,7 @@ import secrets
 import stat
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 from diffedit.errors import DiffEditError, OutputFileError
 
@@ -66,12 +66,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], Any], *, ove
     try:
         _publish(temp, path, overwrite)
     except BaseException as e:
-        with suppress(OSError):
-            os.unlink(temp)
-        if isinstance(e, OSError) and not isinstance(e, DiffEditError):
-            raise OutputFileError(f"could not write {path} ({_reason(e)}); check free disk space "
-                                  "and permissions.") from e
-        raise
+        _discard(temp, path, e)
     _fsync_folder(path.parent)
     return path
 
@@ -137,13 +132,18 @@ def _stage(path: Path, write_fn: Callable[[Any], Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
-        with suppress(OSError):
-            os.unlink(temp)
-        if isinstance(e, OSError) and not isinstance(e, DiffEditError):
-            raise OutputFileError(f"could not write {path} ({_reason(e)}); check free disk space "
-                                  "and permissions.") from e
-        raise
+        _discard(temp, path, e)
     return temp
+
+
+def _discard(temp: Path, path: Path, error: BaseException) -> NoReturn:
+    """A write to `path` failed: remove its temporary file and raise (an OS error as one sentence)."""
+    with suppress(OSError):
+        os.unlink(temp)
+    if isinstance(error, OSError) and not isinstance(error, DiffEditError):
+        raise OutputFileError(f"could not write {path} ({_reason(error)}); check free disk space "
+                              "and permissions.") from error
+    raise error
 
 
 def check_output(path: str | os.PathLike, *, overwrite: bool = False,

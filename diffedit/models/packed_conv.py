@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffedit import devices, host_memory
+from diffedit import devices
+from diffedit.models import host_memory
 
 REPACK_BYTES = 16 * 2**20  # weights this big keep their layout across batch sizes (see above)
 

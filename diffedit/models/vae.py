@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from diffedit import host_memory
+from diffedit.models import host_memory
 from diffedit.errors import ParameterError
 from diffedit.models.attention import attention
 from diffedit.models.blocks import Downsample, ResnetBlock, Upsample
