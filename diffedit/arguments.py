@@ -25,7 +25,7 @@ from PIL import Image
 
 from diffedit.errors import ImageInputError, NumericalError, ParameterError, PromptError
 from diffedit.results import EncodedImage, Inversion, MaskResult
-from diffedit.settings import check, parameter_settings
+from diffedit.settings import check_arguments, parameter_settings
 
 MAX_RESOLUTION = 8192  # the working size's longest side; above, the VAE alone needs tens of GB
 
@@ -138,9 +138,7 @@ def door(function):
         except TypeError as e:
             raise ParameterError(f"{function.__name__}(): {e}; see help(DiffEditPipeline.{function.__name__}).") \
                 from None
-        for parameter, value in bound.arguments.items():
-            if parameter in settings and value is not None:
-                check(settings[parameter], value, parameter)
+        check_arguments(settings, bound.arguments)
         for name in names:
             if name in bound.arguments:
                 ARGUMENTS[name](bound.arguments[name], name)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from diffedit.devices import choose_kernel
 from diffedit.errors import ParameterError
-from diffedit.settings import NORMALIZATIONS
+from diffedit.settings import check
 
 
 @dataclass
@@ -58,6 +58,7 @@ def noise_difference(eps_target: torch.Tensor, eps_source: torch.Tensor) -> torc
 def normalize_difference(difference: torch.Tensor, normalization: str = "paper", clamp_std: float = 3.0,
                          mean_ratio: float = 3.0) -> torch.Tensor:
     """Per-image normalisation of a (B, h, w) difference map to a soft map in [0, 1]."""
+    check("normalization", normalization)
     d = difference.float().flatten(1)  # (B, h*w)
     if normalization == "paper":
         mean, std = d.mean(dim=1, keepdim=True), d.std(dim=1, unbiased=False, keepdim=True)
@@ -65,12 +66,10 @@ def normalize_difference(difference: torch.Tensor, normalization: str = "paper",
         low, high = d.amin(dim=1, keepdim=True), d.amax(dim=1, keepdim=True)
         span = high - low
         soft = torch.where(span > 0, (d - low) / span.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(d))
-    elif normalization == "mean_ratio":
+    else:  # "mean_ratio"
         bound = mean_ratio * d.mean(dim=1, keepdim=True)
         soft = torch.where(bound > 0, torch.minimum(d, bound) / bound.clamp_min(torch.finfo(d.dtype).tiny),
                            torch.zeros_like(d))
-    else:
-        raise ParameterError(f"unknown mask normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
     return soft.view_as(difference)
 
 
@@ -113,8 +112,7 @@ def check_mask_inputs(eps_target: torch.Tensor, eps_source: torch.Tensor, normal
     if eps_target.dim() != 5 or eps_target.shape != eps_source.shape:
         raise ParameterError("eps_target and eps_source must have the same shape (batch, samples, channels, "
                              f"height, width), not {tuple(eps_target.shape)} and {tuple(eps_source.shape)}.")
-    if normalization not in NORMALIZATIONS:
-        raise ParameterError(f"unknown mask normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
+    check("normalization", normalization)
 
 
 def mask_maps(eps_target: torch.Tensor, eps_source: torch.Tensor, normalization: str = "paper",
@@ -131,8 +129,6 @@ def maps_of_difference(difference: torch.Tensor, normalization: str = "paper", t
                        dilate_cells: int = 0) -> MaskMaps:
     """`mask_maps` from the difference map (B, h, w) itself, as `method.mask_difference` streams
     it (the noise predictions are never all held, so this is the torch path)."""
-    if normalization not in NORMALIZATIONS:
-        raise ParameterError(f"unknown mask normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}.")
     soft = normalize_difference(difference, normalization, clamp_std, mean_ratio)
     return _finish(MaskMaps(difference=difference, soft=soft, mask=soft > threshold), threshold, blur_sigma,
                    dilate_cells)

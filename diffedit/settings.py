@@ -28,6 +28,7 @@ ABLATIONS = {                              # the paper's ablations as (encode, u
     "none": (True, True), "no_mask": (True, False), "no_encode": (False, True), "sdedit": (False, False)}
 MAX_MASK_SAMPLES = 100_000                 # n beyond this is a typo, not an experiment
 MAX_SEED = 2 ** 63                         # torch.Generator.manual_seed takes seeds below this
+CURVE_STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)  # the r grid of the trade-off curves (the paper's Fig. 4)
 
 
 @dataclass(frozen=True)
@@ -155,12 +156,16 @@ def checked(function):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        for parameter, value in bound.arguments.items():
-            if parameter in mapping and value is not None:
-                check(mapping[parameter], value, parameter)
+        check_arguments(mapping, signature.bind(*args, **kwargs).arguments)
         return function(*args, **kwargs)
     return wrapper
+
+
+def check_arguments(mapping: dict[str, str], arguments: dict[str, Any]) -> None:
+    """Check each argument that `mapping` (from `parameter_settings`) names a setting; None passes."""
+    for parameter, value in arguments.items():
+        if parameter in mapping and value is not None:
+            check(mapping[parameter], value, parameter)
 
 
 # ---------------------------------------------------------------------- command-line flags

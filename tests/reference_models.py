@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -226,3 +227,20 @@ def fake_hub_cache(hf_home: Path, repo_id: str, model: Path) -> Path:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def assert_same_table(rows: list[dict], reference: list[dict], tolerance: float = 1e-6) -> None:
+    """Two results tables (sweep or bench rows) are the same: the same keys in the same order, each
+    once, the same columns, float values equal to `tolerance` (relative and absolute; one thread
+    per process may reorder sums). Columns that depend on run order (time_, cache_) are ignored."""
+    from diffedit.research.plan import comparable
+    assert [r["key"] for r in rows] == [r["key"] for r in reference]
+    assert len({r["key"] for r in rows}) == len(rows)
+    for row, ref in zip(rows, reference):
+        row, ref = comparable(row), comparable(ref)
+        assert row.keys() == ref.keys()
+        for name, value in ref.items():
+            if isinstance(value, float):
+                assert math.isclose(row[name], value, rel_tol=tolerance, abs_tol=tolerance), name
+            else:
+                assert row[name] == value, name

@@ -7,7 +7,6 @@ a `pairs` benchmark gives, per item and setting, the mask IoU and background PSN
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -21,12 +20,11 @@ import pytest
 from PIL import Image
 
 from diffedit.cli import main
-from diffedit.research.plan import comparable
 from diffedit.research.table import RESULTS, read_rows
+from reference_models import assert_same_table
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-TOLERANCE = 1e-6       # relative: one thread per process everywhere, as in tests/test_shards.py
 FAST = ["--steps", "4", "--mask-samples", "1", "--quiet"]
 GRID = ["--methods", "diffedit", "sdedit", "copy", "--strengths", "0.5", "1.0", *FAST]
 RUNS = 2 * 2 * 2       # items x model methods x r
@@ -76,18 +74,6 @@ def reference(shapes_pairs, tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_rows(rows: list[dict], reference: list[dict]) -> None:
-    assert [r["key"] for r in rows] == [r["key"] for r in reference]
-    for row, ref in zip(rows, reference):
-        row, ref = comparable(row), comparable(ref)
-        assert row.keys() == ref.keys()
-        for name, value in ref.items():
-            if isinstance(value, float):
-                assert math.isclose(row[name], value, rel_tol=TOLERANCE, abs_tol=TOLERANCE), name
-            else:
-                assert row[name] == value, name
-
-
 def test_copy_baseline_gives_the_input_back_without_a_model(shapes_pairs, tmp_path, monkeypatch):
     from diffedit.pipeline import DiffEditPipeline
 
@@ -128,7 +114,7 @@ def test_a_killed_bench_run_resumes_to_the_rows_of_an_uninterrupted_run(shapes_p
     with one_thread():
         assert main(["bench", "pairs", str(shapes_pairs), "--out", str(out), *GRID]) == 0
     assert "already done" in capsys.readouterr().out
-    assert_same_rows(read_rows(out), read_rows(reference))
+    assert_same_table(read_rows(out), read_rows(reference))
     for name in ("summary.json", "copy.jsonl", "benchmark.json"):
         assert json.loads((out / name).read_text().splitlines()[0] if name.endswith("jsonl") else
                           (out / name).read_text()) == json.loads(
@@ -141,7 +127,7 @@ def test_bench_shards_merge_to_the_single_process_rows(shapes_pairs, reference, 
         for shard in ("0/2", "1/2"):
             assert main(["bench", "pairs", str(shapes_pairs), "--out", str(out), "--shard", shard, *GRID]) == 0
     assert "merged 2 shards" in capsys.readouterr().out
-    assert_same_rows(read_rows(out), read_rows(reference))
+    assert_same_table(read_rows(out), read_rows(reference))
     assert (out / "summary.csv").read_text() == (reference / "summary.csv").read_text()
 
 

@@ -5,7 +5,6 @@ SIGKILL and run again, and the refusals of the merge. The processes run the embe
 with the table of one process running the whole config."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -19,16 +18,15 @@ from diffedit.cli import main
 from diffedit.errors import OutputFileError, ParameterError
 from diffedit.pipeline import DiffEditPipeline
 from diffedit.research.merge import DONE, merge_shards
-from diffedit.research.plan import comparable
 from diffedit.research.shards import FolderLock, Shard, assign
 from diffedit.research.sweep import run_sweep
 from diffedit.research.table import RESULTS, read_rows
+from reference_models import assert_same_table
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"items": {"benchmark": "shapes", "count": 4}, "save_images": True,
           "grid": {"num_inference_steps": 4, "mask_samples": 2, "strength": [0.5, 0.75, 1.0]}}
 ROWS = 12
-TOLERANCE = 1e-6     # relative, on every metric: one thread per process may reorder sums
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
@@ -52,20 +50,6 @@ def single(tmp_path_factory) -> list[dict]:
         torch.set_num_threads(threads)
     assert len(rows) == ROWS
     return rows
-
-
-def assert_same_table(rows: list[dict], reference: list[dict]) -> None:
-    """Same keys in the same order, each once, the same columns, values equal to TOLERANCE."""
-    assert [r["key"] for r in rows] == [r["key"] for r in reference]
-    assert len({r["key"] for r in rows}) == len(rows)
-    for row, ref in zip(rows, reference):
-        row, ref = comparable(row), comparable(ref)
-        assert row.keys() == ref.keys()
-        for name, value in ref.items():
-            if isinstance(value, float):
-                assert math.isclose(row[name], value, rel_tol=TOLERANCE, abs_tol=TOLERANCE), name
-            else:
-                assert row[name] == value, name
 
 
 def sweep_command(config: Path, out: Path, *extra: str) -> list[str]:

@@ -34,7 +34,7 @@ from diffedit.research.plan import SweepConfig
 from diffedit.research.shards import FolderLock
 from diffedit.research.sweep import run_sweep
 from diffedit.research.table import CONFIG_NAME, TABLE_FILES, read_json, write_together
-from diffedit.settings import DEFAULT, add_argument
+from diffedit.settings import CURVE_STRENGTHS, DEFAULT, add_argument
 from diffedit.shapes.world import heldout_edits
 
 ABLATION_RUNS = ("no_mask", "no_encode", "sdedit")
@@ -50,7 +50,7 @@ class EvalSettings:
     num_mask_samples: int = DEFAULT["mask_samples"]         # noise samples n of the mask
     mask_noise_strength: float = DEFAULT["mask_noise_strength"]
     threshold: float = DEFAULT["threshold"]                 # mask threshold of the default run
-    strengths: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)   # the r table
+    strengths: tuple[float, ...] = CURVE_STRENGTHS             # the r table
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # the threshold table
     ablations: bool = True                                  # also run no_mask, no_encode, sdedit
     seed: int = DEFAULT["seed"]                             # seed of every item's mask noise

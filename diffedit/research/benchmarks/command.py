@@ -37,9 +37,8 @@ from diffedit.research.report import write_report
 from diffedit.research.shards import Shard
 from diffedit.research.sweep import run_sweep
 from diffedit.research.table import CSV_NAME, RESULTS, read_json, read_rows
-from diffedit.settings import add_argument
+from diffedit.settings import CURVE_STRENGTHS, add_argument
 
-STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)   # the r grid of the curves (as `diffedit eval shapes`)
 
 
 def add_arguments(parser) -> None:
@@ -63,8 +62,8 @@ def add_arguments(parser) -> None:
                         "(default 0)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                         help=f"methods to run (default all: {', '.join(METHODS)})")
-    parser.add_argument("--strengths", nargs="+", type=float, default=list(STRENGTHS), metavar="R",
-                        help=f"the encoding ratios r of the curves (default {' '.join(map(str, STRENGTHS))})")
+    parser.add_argument("--strengths", nargs="+", type=float, default=list(CURVE_STRENGTHS), metavar="R",
+                        help=f"the encoding ratios r of the curves (default {' '.join(map(str, CURVE_STRENGTHS))})")
     group = parser.add_argument_group("fixed settings of every run")
     for name in ("num_inference_steps", "guidance_scale", "mask_samples", "mask_noise_strength", "threshold",
                  "seed"):
