@@ -1,7 +1,7 @@
 """Training the embedded model: a tiny Stable Diffusion (same classes as SD 1.x, small configs)
 on the synthetic shapes world (shapes/world.py), from nothing, on a laptop CPU.
 
-    python -m diffedit.shapes.training --out weights/shapes-64 [--seed 0] [--quick]
+    python -m diffedit.shapes.training --out weights/shapes-64 [--seed 0] [--quick] [--resume]
 
 Four stages, as SD itself was built (Rombach et al. 2022), each logged:
   1. tokenizer   a CLIP-style byte-level BPE learnt on the captions (tokenizer.train_bpe)
@@ -15,8 +15,15 @@ Four stages, as SD itself was built (Rombach et al. 2022), each logged:
                  with the caption dropped to "" for 10 % of samples (classifier-free guidance)
                  and an exponential moving average of the weights, which is what is saved.
 
+The scenes come in minimal pairs: every training seed's scene and the same scene with one object's
+colour or shape changed (world.make_edit), trained with the same noise and timestep, so that the
+only difference the UNet sees between the two is the edited object and the one changed word.
+
 Everything is drawn from `--seed`: the same seed and step counts give the same weights on the
-same machine (2 threads; thread count and CPU type may change the last bits).
+same machine (2 threads; thread count and CPU type may change the last bits). The run saves a
+checkpoint (`.<out>.checkpoint.pt` beside `out`: weights, optimiser, random state) every
+`checkpoint_every` steps; `--resume` continues from it and gives the same weights as a run that
+was never interrupted.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from diffedit.checkpoints.export import save_pretrained
+from diffedit.errors import ParameterError
+from diffedit.io.files import atomic_write
 from diffedit.models.clip import TextEncoder
 from diffedit.models.config import (
     PRESETS,
@@ -48,28 +57,32 @@ from diffedit.models.unet import UNet
 from diffedit.models.vae import AutoencoderKL
 from diffedit.sampler import DDIM
 from diffedit.shapes import world as world
+from diffedit.shapes.card import model_card
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0                  # every random draw (scenes are seeds 0..scenes-1 of the world)
-    scenes: int = 12000            # training scenes, rendered once
-    vae_steps: int = 1600          # autoencoder optimisation steps
+    scenes: int = 24000            # training scenes, rendered once: scenes / 2 seeds, each with its edited twin
+    vae_steps: int = 3000          # autoencoder optimisation steps
     vae_batch: int = 16            # random crops per autoencoder step
     vae_crop: int = 32             # crop side: the convolutional autoencoder trains 4x cheaper on 32 px crops
     vae_lr: float = 1.5e-3           # AdamW peak learning rate of the autoencoder
     kl_weight: float = 1e-6        # weight of the KL term (SD: 1e-6): a nearly deterministic autoencoder
-    unet_steps: int = 2200         # UNet + text encoder optimisation steps
-    unet_batch: int = 32           # latents per UNet step
+    unet_steps: int = 6400         # UNet + text encoder optimisation steps
+    unet_batch: int = 32           # latents per UNet step (unet_batch / 2 minimal pairs)
     unet_lr: float = 1e-3          # AdamW peak learning rate of UNet and text encoder
     warmup: int = 100              # linear warm-up steps, then cosine decay to 10 % of the peak
     uncond_prob: float = 0.1       # probability of training on the empty caption (for CFG)
     ema_decay: float = 0.999       # EMA of the UNet/text weights (what gets saved)
     bf16: bool = False             # bf16 autocast (much slower than fp32 for training on CPUs without native bf16)
     log_every: int = 50            # steps between log lines
+    checkpoint_every: int = 250    # UNet steps between checkpoints (and after the autoencoder)
+    snapshot_every: int = 0        # UNet steps between saved intermediate models (0: none), to measure progress
 
 
-QUICK = TrainConfig(scenes=64, vae_steps=3, vae_batch=4, vae_crop=32, unet_steps=3, unet_batch=4, warmup=1, log_every=1)
+QUICK = TrainConfig(scenes=64, vae_steps=3, vae_batch=4, vae_crop=32, unet_steps=3, unet_batch=4, warmup=1, log_every=1,
+                    checkpoint_every=2)
 
 
 def model_config(tokenizer: Tokenizer, scaling_factor: float = 1.0) -> ModelConfig:
@@ -89,13 +102,18 @@ def model_config(tokenizer: Tokenizer, scaling_factor: float = 1.0) -> ModelConf
 
 
 class Logger:
-    def __init__(self, path: Path | None):
-        self.start = time.perf_counter()
-        self.lines: list[str] = []
+    """Timestamped log lines; a resumed run continues the clock and the lines of the interrupted one."""
+
+    def __init__(self, path: Path | None, lines: list[str] = (), elapsed: float = 0.0):
+        self.start = time.perf_counter() - elapsed
+        self.lines: list[str] = list(lines)
         self.path = path
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
     def __call__(self, message: str) -> None:
-        line = f"[{time.perf_counter() - self.start:7.1f}s] {message}"
+        line = f"[{self.elapsed():7.1f}s] {message}"
         self.lines.append(line)
         print(line, flush=True)
 
@@ -167,24 +185,59 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1 - decay)
 
 
+def training_data(tc: TrainConfig) -> tuple[list[str], torch.Tensor]:
+    """Captions and images of the minimal pairs: seed i's scene at row 2i, its edited twin at 2i + 1."""
+    captions, images = [], []
+    for scene in world.training_scenes(0, tc.scenes // 2):
+        try:
+            edit = world.make_edit(scene, scene.seed)  # colour or shape of one object, drawn from the seed
+        except ParameterError:                         # no shape edit keeps the pairs distinct: a colour edit
+            edit = world.make_edit(scene, scene.seed, "colour")
+        captions += [edit.source_caption, edit.target_caption]
+        images += [edit.source_image, edit.target_image]
+    return captions, world.to_tensor(np.stack(images))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomically: an interruption while saving leaves the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(state, f), overwrite=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, weights_only=True)  # tensors, numbers and strings only: never code
+
+
 def train_unet(config: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
-               tc: TrainConfig, gen: torch.Generator, log: Logger) -> tuple[TextEncoder, UNet]:
-    """Stage 4: the DDPM objective with SD's schedule; text encoder trained jointly from scratch."""
+               tc: TrainConfig, gen: torch.Generator, log: Logger, checkpoint: Path, state: dict,
+               snapshot=None) -> tuple[TextEncoder, UNet]:
+    """Stage 4: the DDPM objective with SD's schedule; text encoder trained jointly from scratch.
+
+    `state` is the checkpoint of an interrupted run ({} for a fresh one): the loop continues from
+    its step with its weights, optimiser moments and random state, so the result is bit-identical."""
     text_encoder, unet = TextEncoder(config.text_encoder).train(), UNet(config.unet).train()
     ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=tc.unet_lr, weight_decay=0.01)
+    modules = {"text_encoder": text_encoder, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
+    first, running = 0, None
+    if "step" in state:
+        for name, module in modules.items():
+            module.load_state_dict(state[name], strict=True)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        first, running = state["step"], state["running"]
+        log(f"unet resumed at step {first}")
     alpha_bar = DDIM(config.scheduler).alpha_bar
     T = config.scheduler.num_train_timesteps
-    running = None
-    for step in range(tc.unet_steps):
+    pairs = tc.unet_batch // 2
+    for step in range(first, tc.unet_steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, tc.unet_steps, tc.unet_lr, tc.warmup)
-        rows = torch.randint(len(latents), (tc.unet_batch,), generator=gen)
+        rows = (2 * torch.randint(len(latents) // 2, (pairs,), generator=gen)[:, None] + torch.arange(2)).flatten()
         z0, c = latents[rows], ids[rows].clone()
         c[torch.rand(tc.unet_batch, generator=gen) < tc.uncond_prob] = empty_ids
-        t = torch.randint(T, (tc.unet_batch,), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(T, (pairs,), generator=gen).repeat_interleave(2)   # a pair shares t and eps
+        eps = torch.randn((pairs, *z0.shape[1:]), generator=gen).repeat_interleave(2, dim=0)
         ab = alpha_bar[t].view(-1, 1, 1, 1)
         z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps               # q(z_t | z_0), DDPM eq. 4
         with torch.autocast("cpu", torch.bfloat16, enabled=tc.bf16):
@@ -200,89 +253,78 @@ def train_unet(config: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, em
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % tc.log_every == 0 or step == tc.unet_steps - 1:
             log(f"unet step {step:5d}/{tc.unet_steps}  loss {running:.4f}")
+        done = step + 1
+        if done % tc.checkpoint_every == 0 and done < tc.unet_steps:
+            state.update({name: m.state_dict() for name, m in modules.items()},
+                         optimizer=opt.state_dict(), generator=gen.get_state(), step=done, running=running,
+                         log=log.lines, elapsed=log.elapsed())
+            save_checkpoint(checkpoint, state)
+        if snapshot is not None and tc.snapshot_every and done % tc.snapshot_every == 0 and done < tc.unet_steps:
+            snapshot(done, ema_text, ema_unet)
     return ema_text.requires_grad_(False), ema_unet.requires_grad_(False)
 
 
 def train(out: str | Path, tc: TrainConfig = TrainConfig(), threads: int | None = None, resume: bool = False) -> Path:
-    """Run the four stages and save the model in diffusers layout at `out`."""
+    """Run the four stages and save the model in diffusers layout at `out`.
+
+    With `resume`, continue the interrupted run whose checkpoint lies beside `out` (same config)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     out = Path(out)
-    log = Logger(out)
-    log(f"training config: {tc}")
+    checkpoint = out.with_name(f".{out.name}.checkpoint.pt")
+    state = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else {}
+    if state and state["config"] != repr(tc):
+        raise ParameterError(f"the checkpoint {checkpoint} is of another training config ({state['config']}); "
+                             f"resume with that config or delete the checkpoint.")
+    log = Logger(out, lines=state.get("log", []), elapsed=state.get("elapsed", 0.0))
+    log(f"training config: {tc}" if not state else f"resuming from {checkpoint.name}")
 
-    scenes = world.training_scenes(0, tc.scenes)
-    captions = [world.caption(s) for s in scenes]
-    images = world.to_tensor(world.render_batch(scenes))
-    log(f"rendered {len(scenes)} scenes")
+    captions, images = training_data(tc)
+    log(f"rendered {len(captions)} scenes ({len(captions) // 2} minimal pairs)")
 
     tokenizer = train_tokenizer(captions)
     ids, empty_ids = tokenizer(captions), tokenizer([""])[0]
     log(f"tokenizer: {tokenizer.vocab_size} tokens, {tokenizer.max_length} positions")
 
     config = model_config(tokenizer)
-    stage_file = out.with_name(f".{out.name}.autoencoder.pt")  # lets a crashed UNet stage resume here
-    if resume and stage_file.is_file():
+    if "vae" in state:
         vae = AutoencoderKL(config.vae)
-        vae.load_state_dict(torch.load(stage_file, weights_only=True), strict=True)
+        vae.load_state_dict(state["vae"], strict=True)
         vae.eval().requires_grad_(False)
-        gen.manual_seed(tc.seed + 1)
-        log(f"autoencoder resumed from {stage_file}")
+        z = state["latents"]
     else:
+        state["config"] = repr(tc)
         vae = train_vae(config.vae, images, tc, gen, log)
-        torch.save(vae.state_dict(), stage_file)
-        gen.manual_seed(tc.seed + 1)  # the UNet stage draws the same numbers whether resumed or not
-    with torch.no_grad():
-        held = world.to_tensor(world.render_batch(world.heldout_scenes(64)))
-        recon = vae.decode(vae.encode(held).mean)
-    scenes_held = world.heldout_scenes(64)
-    background = torch.from_numpy(np.stack([~world.object_masks(sc).any(0) for sc in scenes_held]))[:, None]
-    log(f"vae: held-out reconstruction PSNR {psnr(recon, held):.2f} dB, background only "
-        f"{psnr(recon, held, background.expand_as(held)):.2f} dB")
-
-    z = encode_all(vae, images)
+        with torch.no_grad():
+            held = world.to_tensor(world.render_batch(world.heldout_scenes(64)))
+            recon = vae.decode(vae.encode(held).mean)
+        background = torch.from_numpy(np.stack([~world.object_masks(sc).any(0) for sc in world.heldout_scenes(64)]))
+        log(f"vae: held-out reconstruction PSNR {psnr(recon, held):.2f} dB, background only "
+            f"{psnr(recon, held, background[:, None].expand_as(held)):.2f} dB")
+        z = encode_all(vae, images)
+        state.update(vae=vae.state_dict(), latents=z, log=log.lines, elapsed=log.elapsed())
+        save_checkpoint(checkpoint, state)
+    gen.manual_seed(tc.seed + 1)  # the UNet stage's first draws, whether the autoencoder was resumed or not
     scaling = 1.0 / z.std().item()
     config = replace(config, vae=replace(config.vae, scaling_factor=round(scaling, 5)))
     vae.config = config.vae
     log(f"latents: {tuple(z.shape)}, scaling_factor {scaling:.5f}")
 
-    text_encoder, unet = train_unet(config, z * config.vae.scaling_factor, ids, empty_ids, tc, gen, log)
+    def snapshot(step: int, text_encoder: TextEncoder, unet: UNet) -> None:
+        save_pretrained(out.with_name(f"{out.name}-step{step}"), config, tokenizer, text_encoder, vae, unet)
+
+    text_encoder, unet = train_unet(config, z * config.vae.scaling_factor, ids, empty_ids, tc, gen, log,
+                                    checkpoint, state, snapshot)
     n_params = sum(p.numel() for m in (text_encoder, vae, unet) for p in m.parameters())
     log(f"parameters: {n_params / 1e6:.2f} M in all")
-    card = model_card(tc, n_params, log)
+    card = model_card(tc, n_params, log.elapsed() / 60)
     save_pretrained(out, config, tokenizer, text_encoder, vae, unet,
                     extra_files={"README.md": card, "training_log.txt": "\n".join(log.lines) + "\n"})
-    stage_file.unlink(missing_ok=True)
+    checkpoint.unlink(missing_ok=True)
     log(f"saved to {out}")
     return out
-
-
-def model_card(tc: TrainConfig, n_params: int, log: Logger) -> str:
-    return f"""# shapes-64: the embedded DiffEdit demo model
-
-A {n_params / 1e6:.1f} M-parameter latent diffusion model with Stable Diffusion 1.x's architecture
-(CLIP text transformer, KL autoencoder, cross-attention UNet, SD's noise schedule) at a tiny size,
-trained from scratch by `python -m diffedit.shapes.training` (diffedit/shapes/training.py) on the synthetic
-shapes world of diffedit/shapes/world.py: 64 x 64 images of one to three circles, squares and
-triangles in six colours on plain or textured backgrounds, with captions such as
-"a red circle and a blue square on a striped gray background".
-
-Training: seed {tc.seed}, {tc.scenes} scenes; autoencoder {tc.vae_steps} steps x {tc.vae_batch} images;
-UNet + text encoder {tc.unet_steps} steps x {tc.unet_batch} latents, caption dropped {tc.uncond_prob:.0%}
-of the time, EMA {tc.ema_decay}; 2 CPU threads. See training_log.txt for the loss curve and timings.
-
-What it can do: generate and edit scenes of this world (colour and shape edits of one object) with
-DiffEdit, in seconds on a CPU; its outputs can be scored against the world's ground truth
-(`diffedit eval shapes`).
-
-What it cannot do: anything outside the world. Words outside its 19-word vocabulary, photographs,
-other sizes than 64 x 64, more than three objects, or text rendering. It is a teaching and testing
-model, not an image generator.
-
-License: MIT, like the repository.
-"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,13 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke test)")
-    parser.add_argument("--resume", action="store_true", help="reuse the autoencoder of an interrupted run")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    parser.add_argument("--snapshot-every", type=int, default=0, help="save the model every N UNet steps too")
     args = parser.parse_args(argv)
     tc = replace(QUICK if args.quick else TrainConfig(), seed=args.seed)
     if args.unet_steps is not None:
         tc = replace(tc, unet_steps=args.unet_steps)
     if args.vae_steps is not None:
         tc = replace(tc, vae_steps=args.vae_steps)
+    if args.snapshot_every:
+        tc = replace(tc, snapshot_every=args.snapshot_every)
     train(args.out, tc, threads=args.threads, resume=args.resume)
     return 0
 
