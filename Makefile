@@ -27,11 +27,11 @@ install-test: $(VENV)/.test
 # Edit the shipped example with the embedded model: writes the edit, the mask and the panel.
 demo: $(VENV)/.runtime
 	@mkdir -p $(DEMO)
-	$(VENV)/bin/diffedit edit weights/examples/red-circle.png \
-		--source "a red circle and a yellow square on a gray background" \
-		--target "a red triangle and a yellow square on a gray background" \
+	$(VENV)/bin/diffedit edit weights/examples/red-circle-and-green-square.png \
+		--source "a red circle and a green square on a gray background" \
+		--target "a blue circle and a green square on a gray background" \
 		--out $(DEMO)/edit.png --mask-out $(DEMO)/mask.png --panel-out $(DEMO)/panel.png --overwrite
-	@echo "demo: see $(DEMO)/panel.png (input | mask | edit)"
+	@echo "demo: the red circle becomes a blue circle; see $(DEMO)/panel.png (input | mask | edit)"
 
 # The whole suite, slow full-size parity included. pytest's exit code 5 (no tests collected)
 # is a failure here, never a silent pass.

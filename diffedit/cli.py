@@ -4,7 +4,7 @@
     diffedit mask IMAGE --source TEXT --target TEXT [--out MASK.png] ...
 
 `edit` writes three files next to the input (or where --out, --mask-out, --panel-out say):
-NAME.edit.png, NAME.mask.png and NAME.panel.png (input | mask overlay | edit), all at the
+NAME.edit.png, NAME.mask.png and NAME.panel.png (input | the mask, outside dimmed | edit), all at the
 input's size. Every argument is checked and every output path is cleared before the model
 loads; the outputs are written at the end, atomically (files.atomic_write), so a run that is
 killed leaves either no output or a complete one. The input is never overwritten; an existing
@@ -26,9 +26,9 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from diffedit import is_command_line
 from diffedit.errors import DiffEditError, OutputFileError
@@ -36,6 +36,7 @@ from diffedit.io.progress import is_terminal
 from diffedit.settings import add_argument
 
 PROG = "diffedit"
+PANEL_MIN_SIDE = 256   # the panel shows small images (the embedded model's 64 px) enlarged, nearest neighbour
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
 
@@ -88,7 +89,7 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("outputs")
     o.add_argument("--out", metavar="PATH", help="the edited image (default NAME.edit.png next to the input)")
     o.add_argument("--mask-out", metavar="PATH", help="the mask (default NAME.mask.png)")
-    o.add_argument("--panel-out", metavar="PATH", help="input | mask overlay | edit (default NAME.panel.png)")
+    o.add_argument("--panel-out", metavar="PATH", help="input | mask (outside dimmed) | edit, enlarged and labelled (default NAME.panel.png)")
     add_output_options(o)
 
 
@@ -165,6 +166,8 @@ def edit_cost(k: int, samples: int, guidance: float, with_mask: bool) -> int:
 def run_edit(args: argparse.Namespace) -> int:
     import torch
 
+    from PIL import ImageOps
+
     from diffedit.io.images import load_image, save_images
     from diffedit.io.pictures import (
         mask_picture,
@@ -214,7 +217,9 @@ def run_edit(args: argparse.Namespace) -> int:
         work.close()
     edited = result.images[0]
     pictures = {"edit": edited, "mask": mask_image,
-                "panel": side_by_side([image, overlay_mask(image, mask_image), edited], labels=["input", "mask", "edit"])}
+                "panel": side_by_side([image, overlay_mask(image, ImageOps.invert(mask_image.convert("L")), (0, 0, 0), 0.7),
+                                       edited], labels=["input", "mask (outside dimmed)", "edit"],
+                                      min_side=PANEL_MIN_SIDE, title=f"source: {source or '(empty)'}\ntarget: {target}")}
     save_images({path: pictures[kind] for kind, path in outputs.items()}, overwrite=args.overwrite,
                 protected=protected)  # all of them or none
     for kind, path in outputs.items():

@@ -54,7 +54,7 @@ CELLS = [
                 a = a.astype(np.float32)
                 ax.imshow(a, cmap=cmap, vmin=0, vmax=vmax or max(float(a.max()), 1e-12), interpolation="nearest")
             else:
-                ax.imshow(a)
+                ax.imshow(a, interpolation="nearest")   # the world's pixels as they are (and small PNGs)
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
         plt.show()

@@ -68,9 +68,11 @@ def test_edit_end_to_end(workdir, tiny_model_folder, capsys):
     mask = np.asarray(assert_png(names["mask"], (W, H), "L"))
     assert set(np.unique(mask)) <= {0, 255} and mask.any()
     panel = assert_png(names["panel"])
-    assert panel.width == 3 * W + 2 * 8 and panel.height > H  # input | overlay | edit, 8 px apart, labels below
-    left = np.asarray(panel.convert("RGB"))[:H, :W]
-    assert np.array_equal(left, np.asarray(noise_image(W, H)))  # the first picture is the input itself
+    k = -(-cli.PANEL_MIN_SIDE // min(W, H))                   # small inputs are enlarged k times, nearest neighbour
+    assert panel.width == 3 * k * W + 2 * 8 and panel.height > k * H  # input | mask | edit, 8 px apart, text lines
+    pixels, expected = np.asarray(panel.convert("RGB")), np.asarray(noise_image(W, H))
+    assert any(np.array_equal(pixels[y:y + k * H:k, :k * W:k], expected)    # the first picture is the input
+               for y in range(panel.height - k * H + 1))                     # itself, under the title lines
 
 
 def test_outputs_are_deterministic_and_mask_command_agrees(workdir, tiny_model_folder, capsys):

@@ -8,12 +8,15 @@ The stored result (tests/data/embedded_reference.json) is regenerated, after ret
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from reference_models import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "weights" / "shapes-64"
@@ -89,14 +92,95 @@ def test_short_training_run_end_to_end(tmp_path):
 
 def test_training_is_reproducible_from_seed(tmp_path):
     from diffedit.shapes.training import QUICK, train
+
+    _same_weights(train(tmp_path / "a", QUICK, threads=1), train(tmp_path / "b", QUICK, threads=1))
+
+
+def demo_arguments() -> list[str]:
+    """The `diffedit edit` arguments of `make demo`, read from the Makefile (one source of truth)."""
+    recipe = (REPO / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    command = shlex.split(recipe.split("diffedit edit", 1)[1].split("\n\t@", 1)[0].replace("\\\n", " "))
+    return [a for a in command if "$(" not in a and a != "--overwrite"]
+
+
+def test_demo_turns_the_red_circle_blue_and_keeps_the_rest(tmp_path, capsys):
+    """`make demo`'s edit, scored by the world's checker against the scene the example was drawn from."""
+    from diffedit.shapes.check import check_edit
+    from diffedit.shapes.world import Background, Scene, SceneObject, edit_scene, render
+
+    scene = Scene((SceneObject("circle", "red", (20, 30), 11), SceneObject("square", "green", (46, 34), 10)),
+                  Background("plain", "gray"), 0)
+    args = demo_arguments()
+    image = REPO / args[0]
+    assert np.array_equal(render(scene)[0], np.asarray(Image.open(image).convert("RGB")))
+    edit = edit_scene(scene, 0, "colour", "blue")
+    assert args[1:5] == ["--source", edit.source_caption, "--target", edit.target_caption]
+    outputs = ["--out", tmp_path / "edit.png", "--mask-out", tmp_path / "mask.png", "--panel-out", tmp_path / "panel.png"]
+    code, _, err = run_cli(["edit", image, *args[1:5], *outputs, "--quiet"], capsys)
+    assert code == 0, err
+    edited = np.asarray(Image.open(tmp_path / "edit.png").convert("RGB"))
+    check = check_edit(edited, edit)
+    assert check.success, f"the demo found a {check.colour} {check.shape}"
+    background = edit.background_mask
+    mse = ((edited[background].astype(float) - edit.source_image[background]) ** 2).mean()
+    assert 10 * np.log10(255 ** 2 / mse) >= 30.0                       # the rest untouched: >= 30 dB
+    panel = Image.open(tmp_path / "panel.png")
+    assert panel.width >= 3 * 256 and panel.height > 256              # enlarged for a person, with text lines
+
+
+def _same_weights(a, b) -> None:
     from safetensors.torch import load_file
 
-    a, b = train(tmp_path / "a", QUICK, threads=1), train(tmp_path / "b", QUICK, threads=1)
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                  "text_encoder/model.safetensors"):
         ta, tb = load_file(a / part), load_file(b / part)
         assert ta.keys() == tb.keys()
         assert all(torch.equal(ta[k], tb[k]) for k in ta), part
+
+
+@pytest.mark.parametrize("stop_at", ["autoencoder", 2])
+def test_resumed_training_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, stop_at):
+    """Interrupted after a checkpoint (the autoencoder's, or UNet step 2 of 3), then `resume`: bit-identical."""
+    from diffedit.shapes import training
+    from diffedit.shapes.training import QUICK, train
+
+    whole = train(tmp_path / "whole", QUICK, threads=1)
+    save = training.save_checkpoint
+
+    def save_then_stop(path, state):
+        save(path, state)
+        if state.get("step", "autoencoder") == stop_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "resumed", QUICK, threads=1)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.checkpoint.pt").is_file()
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    resumed = train(tmp_path / "resumed", QUICK, threads=1, resume=True)
+    _same_weights(whole, resumed)
+    log = (resumed / "training_log.txt").read_text()
+    assert "resuming from .resumed.checkpoint.pt" in log and log.count("training config") == 1
+    assert not (tmp_path / ".resumed.checkpoint.pt").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from diffedit.errors import ParameterError
+    from diffedit.shapes import training
+    from diffedit.shapes.training import QUICK, train
+
+    def stop(path, state):
+        raise KeyboardInterrupt
+
+    save = training.save_checkpoint
+    monkeypatch.setattr(training, "save_checkpoint", lambda path, state: (save(path, state), stop(path, state)))
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "m", QUICK, threads=1)
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    with pytest.raises(ParameterError, match="another training config"):
+        train(tmp_path / "m", replace(QUICK, unet_steps=5), threads=1, resume=True)
 
 
 def test_eval_shapes_small_run(tmp_path):

@@ -27,8 +27,26 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 import diffedit.io.images as image_io
-from diffedit.errors import DiffEditError, ImageInputError, OutputFileError, ParameterError
-from diffedit.io.images import Geometry, ImageWarning, as_pil, atomic_write, atomic_write_text, fit_to_model, load_image, pil_to_tensor, restore, save_image, tensor_to_pil, working_size
+from diffedit.errors import (
+    DiffEditError,
+    ImageInputError,
+    OutputFileError,
+    ParameterError,
+)
+from diffedit.io.images import (
+    Geometry,
+    ImageWarning,
+    as_pil,
+    atomic_write,
+    atomic_write_text,
+    fit_to_model,
+    load_image,
+    pil_to_tensor,
+    restore,
+    save_image,
+    tensor_to_pil,
+    working_size,
+)
 from diffedit.io.pictures import mask_to_pil, overlay_mask, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
@@ -545,6 +563,10 @@ def test_side_by_side():
     labelled = side_by_side([a, b, c], ["input", "mask", "edit"], gap=4)
     assert labelled.width == panel.width and labelled.height > panel.height
     assert np.asarray(labelled)[12:].min() < 100                   # some dark label text was drawn
+    big = side_by_side([a, b, c], ["input", "mask", "edit"], gap=4, min_side=30, title="a -> b")
+    assert big.width == 3 * 10 + 4 + 5 * 6 + 4 + 3 * 10              # whole factors: 3, 5 (ceil(30 / 6)), 3
+    assert np.asarray(big)[:, :30].reshape(-1, 3).tolist().count([255, 0, 0]) == 30 * 36   # every pixel a 3x3 block
+    assert big.height > 5 * 8 and np.asarray(big)[:8].min() < 100    # the title line, dark text on top
     with pytest.raises(ParameterError, match="2 labels for 3 images"):
         side_by_side([a, b, c], ["x", "y"])
     with pytest.raises(ParameterError, match="at least one"):

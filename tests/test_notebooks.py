@@ -1,50 +1,47 @@
 """The notebooks in notebooks/ run from top to bottom without error, in a python3 kernel of this
 interpreter (ipykernel's native kernel, whatever kernelspecs are installed elsewhere), on the
 embedded model (DIFFEDIT_NOTEBOOK_MODEL overrides it, as in the notebooks). Executed copies go
-to a temporary folder; the committed .ipynb files are never written. Notebook 03 runs twice:
-without weights (it must stop gracefully, offline) and with a random tiny diffusers-layout model
-standing in for real SD weights, so its editing cells are executed too.
+to a temporary folder; the committed .ipynb files are never written. Each notebook is built from its
+source (notebooks/_build.py) before it runs, so these tests check the cells, whatever the committed
+copy holds. Notebook 03 runs twice: without weights (it must stop gracefully, offline) and with a
+random tiny diffusers-layout model standing in for real SD weights, so its editing cells run too.
 
-The committed notebooks carry no outputs and are exactly what notebooks/_build.py generates."""
+The committed notebooks are executed copies (with their figures) of exactly those cells, stamped
+with the hash of their source and of the embedded model: a stale stamp fails here."""
 
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_client.kernelspec import NATIVE_KERNEL_NAME, KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
-
 from reference_models import build_reference
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-CELL_TIMEOUT = 900          # seconds per cell; a whole notebook takes a few minutes on a CPU
 EXECUTED = ["01_how_diffedit_works.ipynb", "02_ablations_and_tradeoffs.ipynb", "03_real_sd_weights.ipynb"]
+MIN_FIGURES = {EXECUTED[0]: 6, EXECUTED[1]: 5, EXECUTED[2]: 0}  # 03 is committed as run without weights
 NOTEBOOK_ENV = ("DIFFEDIT_SD_WEIGHTS", "DIFFEDIT_SD_PRESET", "DIFFEDIT_SD_IMAGE", "DIFFEDIT_SD_SOURCE",
                 "DIFFEDIT_SD_TARGET", "DIFFEDIT_SD_DTYPE", "DIFFEDIT_NOTEBOOK_OUT", "HF_HUB_CACHE")
 
 
-def kernel_manager() -> AsyncKernelManager:
-    """ipykernel's native python3 kernel: its command is this interpreter (sys.executable), not a
-    `python` found on PATH or a python3 kernelspec of another environment."""
-    specs = KernelSpecManager(kernel_dirs=[], ensure_native_kernel=True)
-    return AsyncKernelManager(kernel_name=NATIVE_KERNEL_NAME, kernel_spec_manager=specs)
+def load_builder():
+    spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOKS / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILDER = load_builder()
 
 
 def execute(name: str, workdir: Path) -> tuple[nbformat.NotebookNode, float]:
-    """Run notebooks/<name> in `workdir`, save the executed copy there; (notebook, seconds)."""
+    """Build notebook `name` from its source, run it in `workdir`, save the executed copy there."""
     committed = NOTEBOOKS / name
     before = committed.read_bytes()
-    nb = nbformat.reads(before.decode("utf-8"), as_version=4)
-    client = NotebookClient(nb, km=kernel_manager(), timeout=CELL_TIMEOUT, allow_errors=False,
-                            resources={"metadata": {"path": str(workdir)}})
-    t0 = time.perf_counter()
-    client.execute(cleanup_kc=True)     # raises CellExecutionError on the first failing cell; shuts the kernel down
-    seconds = time.perf_counter() - t0
+    nb = BUILDER.build(name)
+    seconds = BUILDER.execute(nb, workdir)
     nbformat.write(nb, workdir / name)
     assert committed.read_bytes() == before, f"executing {name} changed the committed file"
     return nb, seconds
@@ -79,35 +76,53 @@ def workdir(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- static checks (fast)
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOKS / "_build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_notebook_is_executed_here_and_built_from_the_source():
-    builder = load_builder()
+def test_every_notebook_has_a_source():
     on_disk = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
-    assert on_disk == sorted(EXECUTED) == sorted(builder.NOTEBOOKS)
-    for name in on_disk:
-        assert (NOTEBOOKS / name).read_text(encoding="utf-8") == builder.text(name), \
-            f"{name} differs from notebooks/_build.py; run python notebooks/_build.py"
+    assert on_disk == sorted(EXECUTED) == sorted(BUILDER.NOTEBOOKS)
 
 
 @pytest.mark.parametrize("name", EXECUTED)
-def test_committed_notebooks_have_no_outputs(name):
+def test_committed_notebook_is_an_executed_copy_of_its_source(name):
+    """Same cells as the source, every code cell run in order, no error, figures where the cells draw."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
+    built = BUILDER.build(name)
+    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in built.cells], \
+        f"{name} differs from its source; run python notebooks/_build.py"
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code, f"{name} has no code cells"
-    for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None, f"{name}: cell {cell.id} has outputs"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{name} was not run top to bottom"
+    assert all(o.output_type != "error" for c in code for o in c.outputs), f"{name} holds an error output"
+    images = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+    assert images >= MIN_FIGURES[name], f"{name} holds {images} figures, expected at least {MIN_FIGURES[name]}"
+
+
+@pytest.mark.parametrize("name", EXECUTED)
+def test_committed_notebook_stamp_is_fresh(name):
+    """The stamp names the source and the model the notebook ran on: editing either makes it stale."""
+    assert BUILDER.stale(name) is None, f"{name} is stale: {BUILDER.stale(name)}; run python notebooks/_build.py"
+
+
+def test_stamp_goes_stale_when_the_source_or_the_model_changes(tmp_path, monkeypatch):
+    name = EXECUTED[0]
+    fresh = BUILDER.stamp(name)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "a.json").write_text("{}")
+    first = BUILDER.model_hash(model)
+    (model / "a.json").write_text("{ }")
+    assert BUILDER.model_hash(model) != first
+    monkeypatch.setattr(BUILDER, "model_hash", lambda folder=None: first)
+    assert BUILDER.stamp(name)["model_sha256"] != fresh["model_sha256"]
+    assert BUILDER.stale(name) == "the embedded model changed since it was executed"
+    monkeypatch.undo()
+    cells = list(BUILDER.NOTEBOOKS[name])
+    monkeypatch.setitem(BUILDER.NOTEBOOKS, name, cells[:-1])
+    assert BUILDER.stale(name) == "its cells changed since it was executed"
 
 
 def test_kernel_is_this_interpreter(workdir):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
-    NotebookClient(nb, km=kernel_manager(), timeout=120,
+    NotebookClient(nb, km=BUILDER.kernel_manager(), timeout=120,
                    resources={"metadata": {"path": str(workdir)}}).execute(cleanup_kc=True)
     assert nb.cells[0].outputs[0].text.strip() == sys.executable
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,27 +60,39 @@ def overlay_mask(image: Any, mask: Any, colour: tuple[int, int, int] = (255, 0, 
 
 
 def side_by_side(images: Sequence[Any], labels: Sequence[str] | None = None, gap: int = 8,
-                 background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+                 background: tuple[int, int, int] = (255, 255, 255), min_side: int = 1,
+                 title: str | None = None) -> Image.Image:
     """A panel of images left to right (e.g. input | mask overlay | edit), `gap` pixels apart,
-    vertically centred, with an optional label under each."""
+    vertically centred, with an optional label under each and a title above (one line per "\\n"). Images whose
+    shorter side is under `min_side` are enlarged by a whole factor, nearest neighbour (every
+    pixel becomes a k x k block: a 64 px image stays readable, nothing is invented)."""
     if len(images) == 0:
         raise ParameterError("side_by_side needs at least one image.")
     if labels is not None and len(labels) != len(images):
         raise ParameterError(f"{len(labels)} labels for {len(images)} images; give one label per image.")
     pictures = [to_rgb(x) if isinstance(x, Image.Image) else as_pil(x, min_side=1) for x in images]
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_height = max(probe.textbbox((0, 0), str(t), font=font)[3] for t in labels) + gap if labels else 0
+    pictures = [p.resize((p.width * k, p.height * k), Image.NEAREST) if (k := -(-min_side // min(p.size))) > 1 else p
+                for p in pictures]
     height = max(p.height for p in pictures)
+    font = ImageFont.load_default(size=max(11, min(height // 14, 20)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def line_height(texts) -> int:
+        return max(probe.multiline_textbbox((0, 0), str(t), font=font)[3] for t in texts) + gap
+
+    label_height = line_height(labels) if labels else 0
+    title_height = line_height([title]) if title else 0
     width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
-    panel = Image.new("RGB", (width, height + label_height), background)
+    panel = Image.new("RGB", (width, title_height + height + label_height), background)
     draw = ImageDraw.Draw(panel)
+    if title:
+        draw.multiline_text((gap // 2, gap // 2), title, fill=(0, 0, 0), font=font)
     x = 0
     for i, picture in enumerate(pictures):
-        panel.paste(picture, (x, (height - picture.height) // 2))
+        panel.paste(picture, (x, title_height + (height - picture.height) // 2))
         if labels:
             text_width = draw.textlength(str(labels[i]), font=font)
-            draw.text((x + max(0, (picture.width - text_width) / 2), height + gap // 2), str(labels[i]),
+            draw.text((x + max(0, (picture.width - text_width) / 2), title_height + height + gap // 2), str(labels[i]),
                       fill=(0, 0, 0), font=font)
         x += picture.width + gap
     return panel
