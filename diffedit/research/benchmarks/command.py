@@ -9,6 +9,8 @@ every r), resuming and sharding as `diffedit sweep`.
               [--steps 50 --mask-samples 10 --threshold 0.5 --guidance 7.5 --seed S] [--resolution PX]
               [--shard K/N] (or torchrun / a Slurm array, as `diffedit sweep`)
     diffedit bench report DIR [--pair X Y ...]   the trade-off figures and report.md (research/report.py)
+    diffedit bench score DIR [--metrics ...]     the library metrics of a finished folder (research/scores/)
+    diffedit bench stats IMAGENET_TRAIN --out STATS.safetensors   reference statistics for FID/SFID/CSFID
 
 Methods (the paper's curves): diffedit; diffedit-no-encoding (the mask, with noised latents
 instead of DDIM-encoded ones); sdedit (no mask, no encoding); encode-decode (DDIM encoding,
@@ -19,13 +21,17 @@ The benchmark's reader spec (benchmark, data, split, template, border quirk, lim
 seed) is the sweep config's "items", so it is recorded in OUT/sweep.json and a folder never
 mixes two specs. OUT also gets images/ITEM/ (the input, the ground-truth mask, one edited PNG
 per distinct edit), masks/ITEM/ (DiffEdit's soft maps) and, once every row is there,
-summary.py's files. Library metrics (LPIPS, CLIPScore, FID, SFID/CSFID, DeiT accuracy) are not
-computed yet; summary.py says where they plug in.
+summary.py's files. The library metrics (LPIPS, L1, CLIPScore, FID, SFID/CSFID, DeiT accuracy)
+are computed afterwards from the saved pictures by `diffedit bench score DIR`, in an environment
+with the `eval` extra (research/scores/command.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from diffedit.errors import OutputFileError, ParameterError
 from diffedit.io.images import save_image
@@ -34,20 +40,21 @@ from diffedit.research.benchmarks.summary import METHODS, write_summary
 from diffedit.research.command import finish_shard
 from diffedit.research.plan import SweepConfig
 from diffedit.research.report import write_report
+from diffedit.research.scores.command import add_score_arguments
 from diffedit.research.shards import Shard
 from diffedit.research.sweep import run_sweep
 from diffedit.research.table import CSV_NAME, RESULTS, read_json, read_rows
 from diffedit.settings import CURVE_STRENGTHS, add_argument
 
 
-
 def add_arguments(parser) -> None:
     """Arguments of `diffedit bench BENCHMARK [FILE]`."""
-    parser.add_argument("benchmark", choices=(*NAMES, "report"), help="imagenet (FlexIT's class edits), pie-bench, "
-                        "or pairs (a CSV / JSONL of image, source, target[, mask] rows); or `report DIR` to draw "
-                        "a finished bench folder's trade-off figures and write its report.md")
+    parser.add_argument("benchmark", choices=(*NAMES, "report", "score", "stats"), help="imagenet (FlexIT's class "
+                        "edits), pie-bench, or pairs (a CSV / JSONL of image, source, target[, mask] rows); or "
+                        "`report DIR` to draw a finished bench folder's trade-off figures and write its report.md; "
+                        "`score DIR` for its library metrics; `stats ROOT --out FILE` for FID's reference statistics")
     parser.add_argument("file", nargs="?", help="the pairs file (for `pairs`; or give it with --data); for "
-                        "`report`, the bench folder")
+                        "`report` and `score`, the bench folder; for `stats`, the ImageNet train folder")
     parser.add_argument("--pair", nargs=2, action="append", default=None, metavar=("X", "Y"), help="report: draw "
                         "metric Y against metric X (repeatable; default: the paper's LPIPS against CLIPScore, CSFID "
                         "and FID when measured, else background PSNR against success or mask IoU)")
@@ -84,6 +91,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shard", default=None, metavar="K/N", help="run only shard K of N (from 0), as "
                         "`diffedit sweep --shard`")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_score_arguments(parser)
 
 
 def reader_spec(args) -> dict:
@@ -125,6 +133,8 @@ def run(args) -> int:
     `diffedit bench report DIR` draws a finished folder's figures and writes its report.md."""
     if args.benchmark == "report":
         return run_report(args)
+    if args.benchmark in ("score", "stats"):
+        return run_scores(args)
     if args.pair:
         raise ParameterError("--pair is an option of `diffedit bench report DIR`.")
     spec = reader_spec(args)
@@ -146,11 +156,14 @@ def run(args) -> int:
         rows = read_rows(out)
         print(f"{len(rows)} rows ({result.ran} run now, {result.skipped} already done) in {out / RESULTS} and "
               f"{out / CSV_NAME}")
-    for item in bench.items:   # the copy baseline's picture; the sweep wrote it already when it ran
+    for item in bench.items:   # the copy baseline's pictures; the sweep wrote them already when it ran
         path = out / "images" / item.id / "input.png"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_image(item.image, path, overwrite=True)
+        if item.gt_mask is not None and not (path.parent / "gt_mask.png").is_file():   # for `bench score`
+            save_image(Image.fromarray(item.gt_mask.astype(np.uint8) * 255, "L"), path.parent / "gt_mask.png",
+                       overwrite=True)
     written = write_summary(out, bench, spec, list(dict.fromkeys(args.methods)), rows)
     print(f"{len(bench.items)} items of {bench.name}; wrote {', '.join(str(p) for p in written)}")
     return 0
@@ -161,5 +174,25 @@ def run_report(args) -> int:
     if not args.file or args.data:
         raise ParameterError("`diffedit bench report` needs the bench folder: diffedit bench report DIR.")
     written = write_report(args.file, [tuple(p) for p in args.pair] if args.pair else None)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def run_scores(args) -> int:
+    """`diffedit bench score DIR ...` and `diffedit bench stats ROOT --out FILE` (the eval extra)."""
+    from diffedit.research.scores import command as scores
+    if not args.file or args.data:
+        what = "the bench folder: diffedit bench score DIR" if args.benchmark == "score" else \
+            "the ImageNet train folder: diffedit bench stats ROOT --out FILE"
+        raise ParameterError(f"`diffedit bench {args.benchmark}` needs {what}.")
+    if args.benchmark == "stats" and not args.out:
+        raise ParameterError("`diffedit bench stats` needs --out FILE.safetensors for the statistics.")
+    scores.check_extra()
+    if args.benchmark == "stats":
+        path = scores.compute_stats(args.file, args.out, args.metric_weights, args.per_class, bar=not args.quiet)
+        print(f"wrote {path}")
+        return 0
+    written = scores.score_folder(args.file, args.metrics, args.metric_weights, args.lpips_net, args.clip_model,
+                                  args.stats)
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0

@@ -1,0 +1,261 @@
+"""`diffedit bench score DIR` and `diffedit bench stats ROOT`: the library metrics of a finished
+bench folder, and the reference statistics they compare with. Both need the `eval` extra.
+
+    diffedit bench score DIR [--metrics lpips l1 clip_score fid sfid csfid deit background clip_edited
+                             structure] [--lpips-net alex]
+                             [--clip-model openai/clip-vit-large-patch14] [--stats STATS.safetensors]
+                             [--metric-weights WEIGHTS_DIR]
+    diffedit bench stats IMAGENET_TRAIN --out STATS.safetensors [--per-class N] [--metric-weights DIR]
+
+`score` reads the rows (results.jsonl, copy.jsonl), the pictures they name and benchmark.json,
+writes DIR/scores.jsonl (one row per edit: its key, item, method, r and per-edit scores), and adds
+to summary.json / summary.csv, per (method, r), the mean of each per-edit score and the set scores
+(FID, SFID, CSFID over that group's edits), with `metric_info`: each metric's backbone,
+resolution, range and library version. `stats` walks ROOT/<wnid>/*.JPEG (ImageNet train): the
+global mean, covariance and count of the Inception features, and per FlexIT target class (the
+query list gives their wnids and indices) the mean and count.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+from importlib import metadata
+from pathlib import Path
+
+from PIL import Image
+
+from diffedit.errors import ParameterError
+from diffedit.research.table import RESULTS, read_json, read_rows, write_together
+
+PER_EDIT = ("lpips", "l1", "clip_score", "deit", "background", "clip_edited", "structure")
+PER_SET = ("fid", "sfid", "csfid")
+DEFAULT_METRICS = ("lpips", "l1", "clip_score")
+METHOD_OF = {"none": "diffedit", "no_encode": "diffedit-no-encoding", "sdedit": "sdedit", "no_mask": "encode-decode"}
+
+
+def add_score_arguments(parser) -> None:
+    group = parser.add_argument_group("score and stats (the `eval` extra)")
+    group.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=[*PER_EDIT, *PER_SET],
+                       metavar="METRIC", help=f"score: metrics to compute (default {' '.join(DEFAULT_METRICS)}; also "
+                       "fid sfid csfid with --stats, deit for imagenet; background clip_edited with ground-truth "
+                       "masks; structure: PIE-Bench's DINO distance)")
+    group.add_argument("--metric-weights", default=None, metavar="DIR", help="the metric networks' weights "
+                       "(default: $DIFFEDIT_METRIC_WEIGHTS); nothing is downloaded")
+    group.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"], help="LPIPS backbone "
+                       "(default alex, as FlexIT; PIE-Bench uses squeeze)")
+    group.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="ID|DIR", help="CLIPScore's "
+                       "model: a folder, or a hub id whose folder DIR/<name> is in --metric-weights")
+    group.add_argument("--stats", default=None, metavar="FILE", help="score: the reference statistics of "
+                       "`diffedit bench stats` (needed by fid, sfid, csfid)")
+    group.add_argument("--per-class", type=int, default=None, metavar="N", help="stats: at most N images per class "
+                       "(the first N by name; default all)")
+
+
+def check_extra() -> None:
+    """One sentence when the `eval` extra cannot be imported (absent, or torchvision next to a
+    torch build it was not made for)."""
+    try:
+        import timm  # noqa: F401
+        import torchmetrics  # noqa: F401
+        import torchvision  # noqa: F401
+    except Exception as e:   # torchvision raises RuntimeError next to another torch build
+        raise ParameterError(f"the metrics need the eval extra (pip install 'diffedit-sd[eval]' with a torch build "
+                             f"that matches torchvision; `make install-eval` makes .venv-eval): "
+                             f"{str(e).splitlines()[0][:120]}.") from None
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in ("torchmetrics", "torch-fidelity", "timm", "torchvision", "transformers", "torch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _edit_rows(folder: Path) -> list[dict]:
+    rows = [dict(r, method=METHOD_OF.get(r.get("ablation"), r.get("ablation"))) for r in
+            (read_rows(folder) if (folder / RESULTS).is_file() else [])]
+    copy = folder / "copy.jsonl"
+    if copy.is_file():
+        rows += [dict(json.loads(line), strength=None, key=f"copy-{json.loads(line)['item']}")
+                 for line in copy.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise ParameterError(f"{folder} holds no bench rows (results.jsonl or copy.jsonl); run `diffedit bench` first.")
+    return rows
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError:
+        raise ParameterError(f"cannot read the picture {path}; run `diffedit bench` again to rewrite it.") from None
+
+
+def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex",
+                 clip_model="openai/clip-vit-large-patch14", stats_path=None) -> list[Path]:
+    """Score a finished bench folder (see the module docstring); returns the files written."""
+    from diffedit.research.scores import networks, sets
+    from diffedit.research.scores.perceptual import L1_INFO, LPIPS, CLIPScorer, l1
+    folder = Path(folder).expanduser()
+    listing = read_json(folder / "benchmark.json", "benchmark listing") if (folder / "benchmark.json").is_file() \
+        else None
+    if listing is None or not (folder / "summary.json").is_file():
+        raise ParameterError(f"{folder} is no finished bench folder (benchmark.json, summary.json); run `diffedit "
+                             "bench` there first.")
+    items = {it["id"]: it for it in listing["items"]}
+    metrics = list(dict.fromkeys(metrics))
+    rows, info, scorers = _edit_rows(folder), {}, {}
+    if "lpips" in metrics:
+        scorers["lpips"] = LPIPS(networks.lpips(lpips_net, weights), lpips_net)
+        info["lpips"] = scorers["lpips"].info()
+    if "l1" in metrics:
+        info["l1"] = L1_INFO
+    if "clip_score" in metrics:
+        scorers["clip_score"] = CLIPScorer(*networks.clip(clip_model, weights), clip_model)
+        info["clip_score"] = scorers["clip_score"].info()
+    if {"background", "clip_edited"} & set(metrics):
+        from diffedit.research.scores.masked import (
+            MASKED_INFO,
+            background_scores,
+            clip_edited,
+        )
+        if not all(it.get("has_gt_mask") for it in items.values()):
+            raise ParameterError("background and clip_edited need ground-truth masks: score a pie-bench folder or "
+                                 "a pairs file with masks.")
+        background_net = scorers["lpips"].module if "lpips" in scorers else networks.lpips(lpips_net, weights)
+        info.update({m: MASKED_INFO[m] for m in ("background", "clip_edited") if m in metrics})
+        if "clip_edited" in metrics and "clip_score" not in scorers:
+            scorers["clip_score"] = CLIPScorer(*networks.clip(clip_model, weights), clip_model)
+    if "structure" in metrics:
+        from diffedit.research.scores.structure import StructureDistance, dino
+        scorers["structure"] = StructureDistance(dino(weights))
+        info["structure"] = StructureDistance.info()
+    if "deit" in metrics:
+        from diffedit.research.scores.accuracy import DeiTAccuracy
+        if not all("target_id" in it for it in items.values()):
+            raise ParameterError("deit accuracy needs ImageNet class ids: score an `imagenet` bench folder.")
+        net = networks.deit(weights)
+        scorers["deit"] = DeiTAccuracy(net, networks.deit_transform(net))
+        info["deit"] = DeiTAccuracy.info()
+    stats = None
+    if "csfid" in metrics and not all("target_id" in it for it in items.values()):
+        raise ParameterError("csfid needs each edit's target class: score an `imagenet` bench folder, or leave it out.")
+    if set(metrics) & set(PER_SET):
+        if stats_path is None:
+            raise ParameterError("fid, sfid and csfid need the reference statistics: pass --stats FILE (made once "
+                                 "with `diffedit bench stats IMAGENET_TRAIN --out FILE`).")
+        stats, about = sets.load_statistics(stats_path)
+        inception = networks.inception(weights)
+        info.update({m: {"backbone": f"Inception-v3 (FID graph, torchmetrics NoTrainInceptionV3), {sets.SET_INFO[m]}",
+                         "resolution": "shorter side 256, centre crop 256, resized to 299 inside",
+                         "range": ">= 0, lower = closer to the reference images", "reference": about}
+                     for m in PER_SET if m in metrics})
+    scored, feats = [], {}
+    for r in rows:
+        item = items.get(r["item"], {})
+        edited = _open(folder / r["image"])
+        original = _open(folder / "images" / r["item"] / "input.png")
+        out = {"key": r["key"], "item": r["item"], "method": r["method"], "strength": r.get("strength")}
+        if "lpips" in scorers:
+            out["lpips"] = scorers["lpips"](edited, original)
+        if "l1" in metrics:
+            out["l1"] = l1(edited, original)
+        if "clip_score" in metrics:
+            out["clip_score"] = scorers["clip_score"](edited, item.get("target", ""))
+        if {"background", "clip_edited"} & set(metrics):
+            gt = _open(folder / "images" / r["item"] / "gt_mask.png")
+            if "background" in metrics:
+                out.update(background_scores(edited, original, gt, background_net))
+            if "clip_edited" in metrics:
+                out["clip_edited"] = clip_edited(scorers["clip_score"], edited, gt, item.get("target", ""))
+        if "structure" in scorers:
+            out["structure"] = scorers["structure"](edited, original)
+        if "deit" in scorers:
+            out.update(scorers["deit"](edited, item["source_id"], item["target_id"]))
+        if stats is not None:
+            feats[r["key"]] = sets.features(inception, [edited])[0]
+        scored.append(out)
+    return _write(folder, scored, feats, stats, metrics, info, items)
+
+
+def _write(folder, scored, feats, stats, metrics, info, items) -> list[Path]:
+    import torch
+
+    from diffedit.research.scores import sets
+    groups: dict[tuple, list[dict]] = {}
+    for s in scored:
+        groups.setdefault((s["method"], s["strength"]), []).append(s)
+    payload = read_json(folder / "summary.json", "bench summary")
+    names = [k for s in scored for k in s if k not in ("key", "item", "method", "strength", "deit_class")]
+    for entry in payload["summary"]:
+        members = groups.get((entry["method"], entry["strength"]), [])
+        for name in dict.fromkeys(names):
+            values = [m[name] for m in members if isinstance(m.get(name), (int, float))]
+            entry[name] = statistics.fmean(values) if values else math.nan
+        if stats is not None and len(members) >= 2:
+            f = torch.stack([feats[m["key"]] for m in members])
+            if "fid" in metrics:
+                entry["fid"] = sets.fid(f, stats)
+            if "sfid" in metrics:
+                entry["sfid"] = sets.sfid(f, stats)
+            if "csfid" in metrics:
+                entry["csfid"] = sets.csfid(f, [items[m["item"]]["target_id"] for m in members], stats)
+    libraries = versions()
+    payload["metric_info"] = {**payload.get("metric_info", {}),
+                              **{k: {**v, "libraries": libraries} for k, v in info.items()}}
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for s in payload["summary"] for k in s)),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(payload["summary"])
+    return write_together({folder / "scores.jsonl": "".join(json.dumps(s) + "\n" for s in scored),
+                           folder / "summary.json": json.dumps(payload, indent=1) + "\n",
+                           folder / "summary.csv": buffer.getvalue()})
+
+
+def train_images(root: Path, per_class: int | None) -> list[tuple[Path, str]]:
+    """(file, wnid) of ROOT/<wnid>/*.JPEG|*.jpg|*.png, by name, at most `per_class` per class."""
+    if not root.is_dir():
+        raise ParameterError(f"the ImageNet train folder {root} does not exist; it is ILSVRC2012_img_train.tar "
+                             "from image-net.org unpacked into ROOT/<wnid>/ folders.")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"n\d{8}", p.name))
+    if not classes:
+        raise ParameterError(f"{root} holds no class folders (ROOT/n01234567/...); unpack the train archive's "
+                             "per-class tars into them.")
+    files = []
+    for c in classes:
+        names = sorted(p for p in c.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+        files += [(p, c.name) for p in names[:per_class]]
+    return files
+
+
+def compute_stats(root, out, weights=None, per_class=None, batch=16, bar=True) -> Path:
+    """The reference statistics of an ImageNet train folder (see the module docstring)."""
+    from diffedit.research.benchmarks.imagenet import read_queries
+    from diffedit.research.scores import networks, sets
+    if per_class is not None and per_class < 1:
+        raise ParameterError(f"--per-class must be at least 1, got {per_class}.")
+    index = {r["path"].split("/")[0]: r["source_id"] for s in ("test", "dev") for r in read_queries(s)}
+    files = train_images(Path(root).expanduser(), per_class)
+    inception, acc = networks.inception(weights), sets.Accumulator()
+    for start in range(0, len(files), batch):
+        chunk = files[start:start + batch]
+        acc.add(sets.features(inception, [_open(p) for p, _ in chunk], batch),
+                [index.get(w, -1) for _, w in chunk])
+        if bar:
+            print(f"\r{start + len(chunk)}/{len(files)} images", end="", flush=True)
+    if bar:
+        print()
+    acc.class_sum.pop(-1, None), acc.class_count.pop(-1, None)   # classes outside FlexIT's: global only
+    about = {"root": str(root), "images": len(files), "per_class": per_class, "classes": len({w for _, w in files}),
+             "features": "Inception-v3 FID graph (torchmetrics NoTrainInceptionV3) pool3 2048-d",
+             "crop": "shorter side 256, centre crop 256 (FlexIT)", "libraries": versions()}
+    return sets.save_statistics(acc.statistics(), out, about)

@@ -1,0 +1,159 @@
+"""Scores of a set of edits from Inception features (torchmetrics' NoTrainInceptionV3, 2048-d
+pool3, of FlexIT's 256 crops; the network resizes them to 299 inside):
+
+    FID     torchmetrics' FrechetInceptionDistance: the Frechet distance with covariances, between
+            the edits and the reference statistics (the user's ImageNet train images)
+    SFID    FlexIT's "SFID": || mean(features of all edits) - mean(reference features) ||^2 --
+            no covariance term, not an FID
+    CSFID   FlexIT's "CSFID": the mean over target classes c of || mean(features of the edits of
+            target c) - mean(reference features of class c) ||^2 -- no covariance, not an FID
+
+Reference statistics (`diffedit bench stats`) are saved as safetensors: the global mean,
+covariance and count (for FID), and per class the mean and count (for CSFID). Per-class
+covariances are not kept (1,000 x 2048 x 2048 float64 would be 34 GB; CSFID needs none).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffedit.errors import ModelLoadError, ParameterError
+from diffedit.research.scores.perceptual import flexit_crop
+
+FEATURES = 2048
+
+
+@torch.no_grad()
+def features(module: torch.nn.Module, images: Iterable[Image.Image], batch: int = 16) -> torch.Tensor:
+    """(N, 2048) float64 Inception features of FlexIT's 256 crops of `images` (uint8 in)."""
+    out, pending = [], []
+
+    def flush():
+        if pending:
+            out.append(module(torch.cat(pending)).double())
+            pending.clear()
+    for image in images:
+        pending.append((flexit_crop(image) * 255).round().to(torch.uint8))
+        if len(pending) == batch:
+            flush()
+    flush()
+    return torch.cat(out) if out else torch.zeros(0, FEATURES, dtype=torch.float64)
+
+
+class Accumulator:
+    """Running sums of features (global and per class): what torchmetrics' FID keeps as state."""
+
+    def __init__(self, dim: int = FEATURES):
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.count = 0
+        self.class_sum: dict[int, torch.Tensor] = {}
+        self.class_count: dict[int, int] = {}
+
+    def add(self, feats: torch.Tensor, classes: list[int] | None = None) -> None:
+        feats = feats.double()
+        self.sum += feats.sum(0)
+        self.outer += feats.T @ feats
+        self.count += len(feats)
+        for f, c in zip(feats, classes or []):
+            self.class_sum[c] = self.class_sum.get(c, torch.zeros_like(f)) + f
+            self.class_count[c] = self.class_count.get(c, 0) + 1
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """mean, cov (unbiased, as torchmetrics), count; class_index, class_mean, class_count."""
+        if self.count < 2:
+            raise ParameterError("reference statistics need at least 2 images; check the folder.")
+        mean = self.sum / self.count
+        cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        classes = sorted(self.class_sum)
+        stats = {"mean": mean, "cov": cov, "count": torch.tensor(self.count)}
+        if classes:
+            stats.update(class_index=torch.tensor(classes),
+                         class_mean=torch.stack([self.class_sum[c] / self.class_count[c] for c in classes]),
+                         class_count=torch.tensor([self.class_count[c] for c in classes]))
+        return stats
+
+
+def save_statistics(stats: dict[str, torch.Tensor], path: str | Path, about: dict) -> Path:
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in stats.items()}, str(path), metadata={"about": json.dumps(about)})
+    return path
+
+
+def load_statistics(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the `about` record of a statistics file written by save_statistics."""
+    from safetensors import safe_open
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ParameterError(f"the reference statistics {path} do not exist; compute them once with `diffedit bench "
+                             "stats IMAGENET_TRAIN --out FILE`.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stats = {k: f.get_tensor(k) for k in f.keys()}
+            about = json.loads((f.metadata() or {}).get("about", "{}"))
+    except Exception:
+        raise ModelLoadError(f"{path} is not a statistics file of `diffedit bench stats`; compute it again.") from None
+    if not {"mean", "cov", "count"} <= stats.keys():
+        raise ModelLoadError(f"{path} lacks the global mean, covariance or count; compute it again.")
+    return stats, about
+
+
+def fid(fake: torch.Tensor, stats: dict[str, torch.Tensor]) -> float:
+    """torchmetrics' FID between the features `fake` (N, d) and the reference statistics: the
+    metric's own state (feature sums, sums of outer products, counts) is set from both, then its
+    compute() runs."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    if len(fake) < 2:
+        raise ParameterError("FID needs at least 2 edited images.")
+
+    class Features(torch.nn.Module):   # the features are already computed: the metric never calls it
+        num_features = fake.shape[1]
+
+    metric = FrechetInceptionDistance(feature=Features())
+    n, mean, cov = int(stats["count"]), stats["mean"].double(), stats["cov"].double()
+    metric.real_features_sum = n * mean
+    metric.real_features_cov_sum = (n - 1) * cov + n * torch.outer(mean, mean)
+    metric.real_features_num_samples = torch.tensor(n)
+    fake = fake.double()
+    metric.fake_features_sum = fake.sum(0)
+    metric.fake_features_cov_sum = fake.T @ fake
+    metric.fake_features_num_samples = torch.tensor(len(fake))
+    metric.orig_dtype = torch.float64
+    return float(metric.compute())
+
+
+def sfid(fake: torch.Tensor, stats: dict[str, torch.Tensor]) -> float:
+    """FlexIT's SFID: squared distance of the mean features (no covariance)."""
+    return float((fake.double().mean(0) - stats["mean"].double()).square().sum())
+
+
+def csfid(fake: torch.Tensor, targets: list[int], stats: dict[str, torch.Tensor]) -> float:
+    """FlexIT's CSFID: the mean over target classes of the squared distance between the mean
+    features of the edits into that class and the reference mean of that class."""
+    if "class_mean" not in stats:
+        raise ParameterError("CSFID needs per-class reference statistics; compute them from a class-folder ImageNet "
+                             "train set with `diffedit bench stats`.")
+    row = {int(c): i for i, c in enumerate(stats["class_index"].tolist())}
+    missing = sorted({c for c in targets if c not in row})
+    if missing:
+        raise ParameterError(f"the reference statistics have no images of class {missing[0]}; compute them over "
+                             "every target class.")
+    distances = []
+    for c in sorted(set(targets)):
+        members = fake[[i for i, t in enumerate(targets) if t == c]].double()
+        distances.append((members.mean(0) - stats["class_mean"][row[c]].double()).square().sum())
+    return float(torch.stack(distances).mean())
+
+
+SET_INFO = {
+    "fid": "torchmetrics FrechetInceptionDistance against the reference statistics (with covariance)",
+    "sfid": "FlexIT SFID: squared distance of mean Inception features, no covariance (not an FID)",
+    "csfid": "FlexIT CSFID: mean over target classes of the squared distance of class-mean features (not an FID)",
+}
