@@ -221,8 +221,8 @@ def test_the_readme_bench_commands_parse():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Reproducing the paper (in progress)", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"^diffedit bench .*?(?<!\\)$", section.replace("\\\n", " "), flags=re.M)
-    assert len(commands) == 6   # three benchmarks, a quick seeded subset, two report forms
+    assert len(commands) == 8   # three benchmarks, a quick seeded subset, two report forms, stats, score
     for line in commands:
         words = shlex.split(line.replace("[", " ").replace("]", " ").replace("...", " "), comments=True)
         args = build_parser("bench").parse_args(words[1:])
-        assert args.command == "bench" and args.benchmark in ("imagenet", "pie-bench", "pairs", "report")
+        assert args.command == "bench" and args.benchmark in ("imagenet", "pie-bench", "pairs", "report", "stats", "score")
