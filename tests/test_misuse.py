@@ -222,10 +222,14 @@ def no_payload_ran(folder: Path) -> None:
 
 
 def displayed_upright(folder: Path) -> None:
+    from diffedit.cli import PANEL_MIN_SIDE
+
     panel = np.asarray(Image.open(folder / "in.panel.png").convert("RGB")).astype(int)
-    left = panel[:40, :24]  # the panel's first picture: the input as displayed
-    assert (left[:, -3:, 0] > 180).all() and (left[:, -3:, 1] < 90).all()  # red on the right
-    assert (left[:, :4, 0] < 250).any() and not (left[:, :4, 1] < 90).all()  # not on the left
+    k = -(-PANEL_MIN_SIDE // 24)  # the panel's first picture: the input as displayed (24 x 40), enlarged k times
+    lefts = [panel[y:y + 40 * k:k, :24 * k:k] for y in range(panel.shape[0] - 40 * k + 1)]  # under the title
+    upright = [(left[:, -3:, 0] > 180).all() and (left[:, -3:, 1] < 90).all()                # red on the right,
+               and (left[:, :4, 0] < 250).any() and not (left[:, :4, 1] < 90).all() for left in lefts]  # not left
+    assert any(upright)
 
 
 LONG = " ".join(["a red cat sitting on a blue chair"] * 12)  # 96 words, more than 75 tokens
