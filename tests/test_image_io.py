@@ -567,6 +567,8 @@ def test_side_by_side():
     assert big.width == 3 * 10 + 4 + 5 * 6 + 4 + 3 * 10              # whole factors: 3, 5 (ceil(30 / 6)), 3
     assert np.asarray(big)[:, :30].reshape(-1, 3).tolist().count([255, 0, 0]) == 30 * 36   # every pixel a 3x3 block
     assert big.height > 5 * 8 and np.asarray(big)[:8].min() < 100    # the title line, dark text on top
+    strip = side_by_side([Image.new("RGB", (3000, 2)), Image.new("RGB", (300, 8))], gap=0, min_side=256)
+    assert strip.size == (3000 + 300 * 6, 6 * 8)   # never enlarged past MAX_ENLARGED_SIDE (2048 // 300 = 6)
     with pytest.raises(ParameterError, match="2 labels for 3 images"):
         side_by_side([a, b, c], ["x", "y"])
     with pytest.raises(ParameterError, match="at least one"):

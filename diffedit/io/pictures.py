@@ -59,20 +59,24 @@ def overlay_mask(image: Any, mask: Any, colour: tuple[int, int, int] = (255, 0, 
     return Image.fromarray(np.rint(out).astype(np.uint8), "RGB")
 
 
+MAX_ENLARGED_SIDE = 2048  # side_by_side never enlarges a picture beyond this many pixels
+
+
 def side_by_side(images: Sequence[Any], labels: Sequence[str] | None = None, gap: int = 8,
                  background: tuple[int, int, int] = (255, 255, 255), min_side: int = 1,
                  title: str | None = None) -> Image.Image:
     """A panel of images left to right (e.g. input | mask overlay | edit), `gap` pixels apart,
     vertically centred, with an optional label under each and a title above (one line per "\\n"). Images whose
     shorter side is under `min_side` are enlarged by a whole factor, nearest neighbour (every
-    pixel becomes a k x k block: a 64 px image stays readable, nothing is invented)."""
+    pixel becomes a k x k block: a 64 px image stays readable, nothing is invented), as long as
+    the longer side stays within MAX_ENLARGED_SIDE (a 2 x 3000 strip is not blown up)."""
     if len(images) == 0:
         raise ParameterError("side_by_side needs at least one image.")
     if labels is not None and len(labels) != len(images):
         raise ParameterError(f"{len(labels)} labels for {len(images)} images; give one label per image.")
     pictures = [to_rgb(x) if isinstance(x, Image.Image) else as_pil(x, min_side=1) for x in images]
-    pictures = [p.resize((p.width * k, p.height * k), Image.NEAREST) if (k := -(-min_side // min(p.size))) > 1 else p
-                for p in pictures]
+    factors = [max(1, min(-(-min_side // min(p.size)), MAX_ENLARGED_SIDE // max(p.size))) for p in pictures]
+    pictures = [p.resize((p.width * k, p.height * k), Image.NEAREST) if k > 1 else p for p, k in zip(pictures, factors)]
     height = max(p.height for p in pictures)
     font = ImageFont.load_default(size=max(11, min(height // 14, 20)))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
