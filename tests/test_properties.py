@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from diffedit import cli
+from diffedit.cli import PANEL_MIN_SIDE
 from diffedit.errors import DiffEditError
+from diffedit.io.pictures import MAX_ENLARGED_SIDE
 from diffedit.pipeline import DiffEditPipeline
 
 MODES = ["L", "RGB", "RGBA", "P", "I;16"]
@@ -108,4 +110,5 @@ def test_cli_writes_input_sized_outputs_or_one_line(pipe, mode, w, h, seed, step
         assert names == ["in.edit.png", "in.mask.png", "in.panel.png", "in.png"]
         for name in ("in.edit.png", "in.mask.png"):
             assert Image.open(Path(folder) / name).size == (w, h)
-        assert Image.open(Path(folder) / "in.panel.png").width == 3 * w + 16
+        k = max(1, min(-(-PANEL_MIN_SIDE // min(w, h)), MAX_ENLARGED_SIDE // max(w, h)))  # small inputs enlarged
+        assert Image.open(Path(folder) / "in.panel.png").width == 3 * k * w + 16
