@@ -164,7 +164,7 @@ def test_resumed_training_gives_the_weights_of_an_uninterrupted_run(tmp_path, mo
     assert not (tmp_path / ".resumed.checkpoint.pt").exists()
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, monkeypatch):
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, monkeypatch, capsys):
     from dataclasses import replace
 
     from diffedit.errors import ParameterError
@@ -181,6 +181,10 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "save_checkpoint", save)
     with pytest.raises(ParameterError, match="another training config"):
         train(tmp_path / "m", replace(QUICK, unet_steps=5), threads=1, resume=True)
+    code = training.main(["--out", str(tmp_path / "m"), "--quick", "--unet-steps", "5", "--resume", "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "another training config" in err[0]   # one sentence, no traceback
+    assert (tmp_path / ".m.checkpoint.pt").is_file() and not (tmp_path / "m").exists()   # nothing damaged
 
 
 def test_eval_shapes_small_run(tmp_path):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from diffedit.checkpoints.export import save_pretrained
-from diffedit.errors import ParameterError
+from diffedit.errors import DiffEditError, ParameterError
 from diffedit.io.files import atomic_write
 from diffedit.models.clip import TextEncoder
 from diffedit.models.config import (
@@ -297,10 +297,11 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), threads: int | None 
     else:
         state["config"] = repr(tc)
         vae = train_vae(config.vae, images, tc, gen, log)
+        scenes_held = world.heldout_scenes(64)
         with torch.no_grad():
-            held = world.to_tensor(world.render_batch(world.heldout_scenes(64)))
+            held = world.to_tensor(world.render_batch(scenes_held))
             recon = vae.decode(vae.encode(held).mean)
-        background = torch.from_numpy(np.stack([~world.object_masks(sc).any(0) for sc in world.heldout_scenes(64)]))
+        background = torch.from_numpy(np.stack([~world.object_masks(sc).any(0) for sc in scenes_held]))
         log(f"vae: held-out reconstruction PSNR {psnr(recon, held):.2f} dB, background only "
             f"{psnr(recon, held, background[:, None].expand_as(held)):.2f} dB")
         z = encode_all(vae, images)
@@ -345,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         tc = replace(tc, vae_steps=args.vae_steps)
     if args.snapshot_every:
         tc = replace(tc, snapshot_every=args.snapshot_every)
-    train(args.out, tc, threads=args.threads, resume=args.resume)
+    try:
+        train(args.out, tc, threads=args.threads, resume=args.resume)
+    except DiffEditError as e:  # e.g. a checkpoint of another config: one sentence, no traceback
+        print(f"training: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
