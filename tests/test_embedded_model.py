@@ -164,6 +164,17 @@ def test_resumed_training_gives_the_weights_of_an_uninterrupted_run(tmp_path, mo
     assert not (tmp_path / ".resumed.checkpoint.pt").exists()
 
 
+def test_snapshots_are_loadable_models(tmp_path):
+    from dataclasses import replace
+
+    from diffedit.pipeline import DiffEditPipeline
+    from diffedit.shapes.training import QUICK, train
+
+    train(tmp_path / "m", replace(QUICK, snapshot_every=2), threads=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-step2"]   # step 2 of 3; the last is `m` itself
+    assert DiffEditPipeline.from_pretrained(tmp_path / "m-step2").config.resolution == 64
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, monkeypatch, capsys):
     from dataclasses import replace
 
