@@ -107,9 +107,11 @@ def save_tiny_clip(folder: Path, name: str = "clip-vit-large-patch14") -> Path:
 
 @pytest.fixture(scope="session")
 def metric_weights(tmp_path_factory) -> Path:
-    """One weights folder as a user provides it: LPIPS alex backbone, the FID Inception, a CLIP."""
+    """One weights folder as a user provides it: LPIPS alex and squeeze backbones, the FID
+    Inception, a CLIP."""
     from diffedit.research.scores import weights
     folder = tmp_path_factory.mktemp("metric-weights")
     save_backbone(folder, "alex")
+    save_backbone(folder, "squeeze", seed=1)
     save_file(random_inception_state(), str(folder / weights.FILES["inception"][0][0]))
     return save_tiny_clip(folder)

@@ -104,3 +104,26 @@ def test_the_wrong_network_is_named(tmp_path):
               str(tmp_path / "alexnet.safetensors"))
     with pytest.raises(ModelLoadError, match="alexnet.safetensors is not the LPIPS alex"):
         networks.lpips("alex", tmp_path)
+
+
+def test_flexit_crop_is_pils_bilinear_shorter_side_resize_then_the_centre():
+    """FlexIT's `resize(256)` (eval.py): the shorter side to 256 by PIL's bilinear resize, the
+    longer side truncated, then the centre 256 x 256, in [0, 1] -- not a squash to 256 x 256."""
+    import numpy as np
+    from PIL import Image
+    image = picture(7, (500, 300))
+    resized = np.asarray(image.resize((int(256 * 500 / 300), 256), Image.BILINEAR), dtype=np.float32) / 255
+    left = round((resized.shape[1] - 256) / 2)
+    expected = torch.from_numpy(resized[:, left:left + 256]).permute(2, 0, 1)[None]
+    assert torch.allclose(flexit_crop(image), expected, atol=1e-6)
+    squashed = torch.from_numpy(np.asarray(image.resize((256, 256), Image.BILINEAR), dtype=np.float32) / 255)
+    assert (flexit_crop(image)[0] - squashed.permute(2, 0, 1)).abs().max() > 0.05
+
+
+def test_l1_is_in_pixels_of_0_to_1_not_x100_nor_0_to_255():
+    """FlexIT reports the mean L1 distance of [0, 1] crops as is: a uniform change of 10 levels
+    out of 255 is 10 / 255."""
+    import numpy as np
+    from PIL import Image
+    base = np.full((64, 80, 3), 100, np.uint8)
+    assert l1(Image.fromarray(base + 10), Image.fromarray(base)) == pytest.approx(10 / 255, rel=1e-5)

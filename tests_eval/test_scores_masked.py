@@ -54,3 +54,40 @@ def test_an_edit_inside_the_mask_leaves_the_background_scores_perfect(lpips_sque
     assert scores["bg_ssim_pie"] == pytest.approx(1.0)
     assert 0 < scores["bg_lpips_gt"]       # the spatial map near the edge still sees the edit (LPIPS' receptive field)
     assert keep_of(mask, (64, 48)).sum() == 64 * 48 - 20 * 30
+
+
+def test_without_background_every_background_score_is_nan(lpips_squeeze):
+    """PIE-Bench gives "nan" for the unedited part when the mask covers the whole picture."""
+    original, edited = picture(3, (32, 24)), picture(4, (32, 24))
+    scores = background_scores(edited, original, np.ones((24, 32), bool), lpips_squeeze)
+    assert len(scores) == 6 and all(np.isnan(v) for v in scores.values())
+
+
+def test_pictures_of_two_sizes_are_one_sentence(lpips_squeeze):
+    from diffedit.errors import ParameterError
+    with pytest.raises(ParameterError, match="one size") as e:
+        background_scores(picture(0, (64, 48)), picture(1, (32, 24)), np.zeros((24, 32), bool), lpips_squeeze)
+    assert "\n" not in str(e.value)
+
+
+def test_clip_edited_is_clipscore_of_the_uint8_picture_times_the_mask(metric_weights):
+    """PIE-Bench's clip_similarity_target_image_edit_part: uint8(picture x mask), the edited
+    region (mask 1) kept and the background black, through torchmetrics' CLIPScore."""
+    from torchmetrics.functional.multimodal.clip_score import clip_score
+
+    from diffedit.research.scores.masked import clip_edited
+    from diffedit.research.scores.perceptual import CLIPScorer
+    model, processor = networks.clip("openai/clip-vit-large-patch14", metric_weights)
+    image = picture(5, (64, 48))
+    mask = np.zeros((48, 64), bool)
+    mask[5:30, 8:40] = True
+    region = np.uint8(np.asarray(image) * mask[..., None])
+    expected = float(clip_score(torch.from_numpy(region).permute(2, 0, 1), "a dog",
+                                model_name_or_path=lambda: (model, processor)))
+    ours = clip_edited(CLIPScorer(model, processor, "clip"), image, mask, "a dog")
+    assert ours == pytest.approx(expected, rel=1e-6)
+    background = np.uint8(np.asarray(image) * ~mask[..., None])
+    other = float(clip_score(torch.from_numpy(background).permute(2, 0, 1), "a dog",
+                             model_name_or_path=lambda: (model, processor)))
+    assert ours != pytest.approx(other, rel=1e-4)
+    assert np.isnan(clip_edited(CLIPScorer(model, processor, "clip"), image, np.zeros((48, 64), bool), "a dog"))

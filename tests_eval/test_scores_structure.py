@@ -1,8 +1,11 @@
 """PIE-Bench's structure distance on a tiny DINO-style ViT (timm's vit_base_patch8_224.dino
-layout, one block of width 32): the keys are the library's own, read at its qkv projection."""
+layout, one block of width 32): the keys are the library's own, read at its qkv projection, and
+the input follows PIE-Bench's evaluation (cure-lab/PnPInversion evaluation/matrics_calculator.py):
+pixel values 0..255 resized with the aspect kept, then ImageNet's Normalize."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,20 +28,45 @@ def dino_folder(tmp_path_factory):
     return folder, model
 
 
-def test_keys_self_similarity_equals_the_attention_keys_by_hand(dino_folder):
-    folder, model = dino_folder
-    score = structure.StructureDistance(structure.dino(folder, **TINY))
-    image = picture(0, (64, 64))
-    sim = score.self_similarity(image)
-    assert sim.shape == (1 + (224 // 8) ** 2,) * 2
-    x = F.interpolate(structure.as_tensor(image), size=(224, 224), mode="bilinear", align_corners=False)
-    x = (x - torch.tensor(structure.MEAN).view(1, 3, 1, 1)) / torch.tensor(structure.STD).view(1, 3, 1, 1)
+def keys_by_hand(model, x: torch.Tensor) -> torch.Tensor:
+    """Cosine self-similarity of the first block's keys of `model` on the 224 x 224 input `x`."""
     with torch.no_grad():
         tokens = model.eval()._pos_embed(model.patch_embed(x))
         tokens = model.blocks[0].norm1(model.norm_pre(tokens))
         keys = F.linear(tokens, model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.bias)[0, :, 32:64]
     keys = F.normalize(keys, dim=-1)
-    assert torch.allclose(sim, keys @ keys.T, atol=1e-5)
+    return keys @ keys.T
+
+
+def normalised(pixels: torch.Tensor) -> torch.Tensor:
+    return (pixels - torch.tensor(structure.MEAN).view(1, 3, 1, 1)) / torch.tensor(structure.STD).view(1, 3, 1, 1)
+
+
+def test_keys_self_similarity_of_pixel_values_0_to_255_as_pie_bench(dino_folder):
+    """PIE-Bench normalises pixel values 0..255 (never divided by 255): the self-similarity equals
+    the keys computed by hand on that input, and differs from the one of pixels in [0, 1]."""
+    folder, model = dino_folder
+    score = structure.StructureDistance(structure.dino(folder, **TINY))
+    image = picture(0, (64, 64))
+    sim = score.self_similarity(image)
+    assert sim.shape == (1 + (224 // 8) ** 2,) * 2
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    resized = F.interpolate(pixels, size=(224, 224), mode="bilinear", align_corners=False)
+    assert torch.allclose(sim, keys_by_hand(model, normalised(resized)), atol=1e-5)
+    unit_range = keys_by_hand(model, normalised(resized / 255))
+    assert (sim - unit_range).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("size, resized, grid", [((96, 64), (224, 336), (28, 42)), ((300, 60), (96, 480), (12, 60)),
+                                                 ((96, 80), (224, 268), (28, 33))])
+def test_the_shorter_side_goes_to_224_the_longer_at_most_480(dino_folder, size, resized, grid):
+    """torchvision's Resize(224, max_size=480) keeps the aspect: a 96 x 64 picture becomes 336 x
+    224 (28 x 42 patches of 8), a 300 x 60 one 480 x 96, not a 224 x 224 square; a side that is
+    not a multiple of 8 loses its last pixels, as DINO's patch convolution does."""
+    folder, _ = dino_folder
+    score = structure.StructureDistance(structure.dino(folder, **TINY))
+    assert structure.dino_input(picture(1, size)).shape == (1, 3, *resized)
+    assert score.self_similarity(picture(1, size)).shape == (1 + grid[0] * grid[1],) * 2
 
 
 def test_structure_distance_is_zero_for_the_same_image_and_grows(dino_folder):

@@ -8,6 +8,7 @@ every r), resuming and sharding as `diffedit sweep`.
       common: [--limit N [--subset-seed S]] [--strengths 0.2 0.4 ...] [--methods diffedit sdedit ...]
               [--steps 50 --mask-samples 10 --threshold 0.5 --guidance 7.5 --seed S] [--resolution PX]
               [--shard K/N] (or torchrun / a Slurm array, as `diffedit sweep`)
+              [--submit N [--slurm partition=gpu ...]]   N shards through submitit, merged, summarised
     diffedit bench report DIR [--pair X Y ...]   the trade-off figures and report.md (research/report.py)
     diffedit bench score DIR [--metrics ...]     the library metrics of a finished folder (research/scores/)
     diffedit bench stats IMAGENET_TRAIN --out STATS.safetensors   reference statistics for FID/SFID/CSFID
@@ -90,6 +91,11 @@ def add_arguments(parser) -> None:
                           "annotated, without the benchmark's 1-pixel border set to 1")
     parser.add_argument("--shard", default=None, metavar="K/N", help="run only shard K of N (from 0), as "
                         "`diffedit sweep --shard`")
+    parser.add_argument("--submit", type=int, default=None, metavar="N", help="submit the model methods as N "
+                        "shards through submitit (a Slurm job array; local processes without Slurm), wait, merge and "
+                        "summarise, as `diffedit sweep --submit` (needs pip install 'diffedit-sd[slurm]')")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="a Slurm option of "
+                        "--submit, e.g. partition=gpu, gpus_per_node=1, time=600 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_score_arguments(parser)
 
@@ -139,6 +145,13 @@ def run(args) -> int:
         raise ParameterError("--pair is an option of `diffedit bench report DIR`.")
     spec = reader_spec(args)
     config = sweep_config(args, spec)
+    if args.submit is not None and args.shard:
+        raise ParameterError("--submit and --shard exclude each other: --submit N makes the N shards itself.")
+    if args.submit is not None and config is None:
+        raise ParameterError("--submit runs the model methods as a job array; the copy baseline alone needs none.")
+    if args.submit is not None:
+        from diffedit.research.submit import parse_options, submit_sweep
+        options = parse_options(args.slurm)
     if config is not None:
         SweepConfig.parse(config)   # every setting checked before any image is read
     out = Path(args.out).expanduser() if args.out else Path("bench") / args.benchmark
@@ -148,7 +161,11 @@ def run(args) -> int:
                               "--out.")
     bench = read_benchmark(spec)
     rows: list[dict] = []
-    if config is not None:
+    if config is not None and args.submit is not None:
+        merged = submit_sweep(config, out, args.submit, run_bench_shard, options=options)
+        rows = read_rows(out)
+        print(f"merged {merged.shards} shards: {len(rows)} rows in {out / RESULTS} and {out / CSV_NAME}")
+    elif config is not None:
         shard = Shard.resolve(args.shard)
         result = run_sweep(config, out, bar=not args.quiet, shard=shard, items=bench.items)
         if shard.count > 1 and finish_shard(out, shard, result) is None:
@@ -167,6 +184,14 @@ def run(args) -> int:
     written = write_summary(out, bench, spec, list(dict.fromkeys(args.methods)), rows)
     print(f"{len(bench.items)} items of {bench.name}; wrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def run_bench_shard(config: dict, out: str, index: int, count: int, trust_config_code: bool) -> int:
+    """One task of `diffedit bench --submit N`: shard `index` of `count`, the benchmark read again
+    from the config's reader spec in the job (returns its row count)."""
+    bench = read_benchmark(config["items"])
+    result = run_sweep(config, out, bar=False, shard=Shard(index, count, "submitit"), items=bench.items)
+    return len(result.rows)
 
 
 def run_report(args) -> int:

@@ -45,7 +45,8 @@ def strip_markers(prompt: str) -> str:
 def decode_mask(runs: list[int], shape: tuple[int, int] = MASK_SHAPE, border_quirk: bool = True) -> np.ndarray:
     """(H, W) bool: 1 on every run (start, length) of the row-major flattened image, a run cut at
     the image's end; with `border_quirk`, also the first and last rows and columns, as PIE-Bench's
-    mask_decode does."""
+    mask_decode does (cure-lab/PnPInversion, evaluation/evaluate.py; pinned by
+    tests/test_bench_readers.py)."""
     if len(runs) % 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in runs):
         raise ParameterError("a PIE-Bench mask must be a list of (start, length) pairs of whole numbers >= 0.")
     length = shape[0] * shape[1]

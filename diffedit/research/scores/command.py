@@ -47,7 +47,7 @@ def add_score_arguments(parser) -> None:
     group.add_argument("--metric-weights", default=None, metavar="DIR", help="the metric networks' weights "
                        "(default: $DIFFEDIT_METRIC_WEIGHTS); nothing is downloaded")
     group.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"], help="LPIPS backbone "
-                       "(default alex, as FlexIT; PIE-Bench uses squeeze)")
+                       "of `lpips` (default alex, as FlexIT); the background LPIPS is always squeeze, as PIE-Bench")
     group.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="ID|DIR", help="CLIPScore's "
                        "model: a folder, or a hub id whose folder DIR/<name> is in --metric-weights")
     group.add_argument("--stats", default=None, metavar="FILE", help="score: the reference statistics of "
@@ -130,7 +130,8 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
         if not all(it.get("has_gt_mask") for it in items.values()):
             raise ParameterError("background and clip_edited need ground-truth masks: score a pie-bench folder or "
                                  "a pairs file with masks.")
-        background_net = scorers["lpips"].module if "lpips" in scorers else networks.lpips(lpips_net, weights)
+        background_net = scorers["lpips"].module if "lpips" in scorers and lpips_net == "squeeze" else \
+            networks.lpips("squeeze", weights)   # PIE-Bench's backbone for the background LPIPS
         info.update({m: MASKED_INFO[m] for m in ("background", "clip_edited") if m in metrics})
         if "clip_edited" in metrics and "clip_score" not in scorers:
             scorers["clip_score"] = CLIPScorer(*networks.clip(clip_model, weights), clip_model)
@@ -143,7 +144,7 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
         if not all("target_id" in it for it in items.values()):
             raise ParameterError("deit accuracy needs ImageNet class ids: score an `imagenet` bench folder.")
         net = networks.deit(weights)
-        scorers["deit"] = DeiTAccuracy(net, networks.deit_transform(net))
+        scorers["deit"] = DeiTAccuracy(net)
         info["deit"] = DeiTAccuracy.info()
     stats = None
     if "csfid" in metrics and not all("target_id" in it for it in items.values()):

@@ -6,18 +6,34 @@ Two definitions are kept under two names, as they differ:
                averaged over them); bg_psnr_gt / bg_ssim_gt are research/metrics.py's
     bg_*_pie   PIE-Bench's: the whole-image score of both images multiplied by (1 - mask), pixels
                in [0, 1] (the edited region black in both): torchmetrics' PSNR (data range 1),
-               SSIM (data range 1), MSE and LPIPS (the LPIPS network given; PIE-Bench uses squeeze)
+               SSIM (data range 1), MSE and LPIPS (the LPIPS network given: `bench score` passes
+               SqueezeNet, PIE-Bench's, whatever --lpips-net says)
     clip_edited   CLIPScore of the edited image multiplied by the mask, with the target text
                (PIE-Bench's "edited" CLIP similarity)
 
-Everything at the input's own size (no FlexIT crop); LPIPS values are x100 like `lpips`.
+Everything at the input's own size (no FlexIT crop, no resize: the mask is applied to the pictures
+as they are, which must have one size); LPIPS values are x100 like `lpips`. Without background
+(a mask over the whole picture) every background score is NaN, as PIE-Bench's "nan".
+
+Checked against PIE-Bench's evaluation (cure-lab/PnPInversion, evaluation/evaluate.py:
+calculate_metric's *_unedit_part and clip_similarity_target_image_edit_part; evaluation/
+matrics_calculator.py: MetricsCalculator.calculate_psnr / _lpips / _mse / _ssim /
+_clip_similarity): pixels / 255, both pictures times (1 - mask) at 512 x 512 with no resize, then
+the torchmetrics metric on the whole picture; LPIPS squeeze fed 2x - 1 (= normalize=True); CLIP of
+uint8(picture x mask) with the editing prompt.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
+
+from diffedit.errors import ParameterError
+
+BACKGROUND = ("bg_mse_gt", "bg_lpips_gt", "bg_psnr_pie", "bg_ssim_pie", "bg_mse_pie", "bg_lpips_pie")
 
 
 def as_tensor(image: Image.Image) -> torch.Tensor:
@@ -42,19 +58,23 @@ def background_scores(edited: Image.Image, original: Image.Image, mask, lpips_mo
         structural_similarity_index_measure as ssim,
     )
     from torchmetrics.functional.image.lpips import _lpips_update
+    if edited.size != original.size:
+        raise ParameterError(f"the edit is {edited.size[0]}x{edited.size[1]} but its input {original.size[0]}x"
+                             f"{original.size[1]}; background scores compare pictures of one size.")
     x, y = as_tensor(edited), as_tensor(original)
     keep = keep_of(mask, original.size)
+    if keep.sum() == 0:
+        return dict.fromkeys(BACKGROUND, math.nan)
     out = {}
-    if keep.sum() > 0:
-        pixels = keep.expand_as(x).bool()
-        out["bg_mse_gt"] = float(mean_squared_error(x[pixels], y[pixels]))
-        previous = lpips_module.spatial
-        lpips_module.spatial = True          # the library's per-pixel LPIPS map, at the input's size
-        try:
-            spatial = lpips_module(x, y, normalize=True)
-        finally:
-            lpips_module.spatial = previous
-        out["bg_lpips_gt"] = 100 * float((spatial * keep).sum() / keep.sum())
+    pixels = keep.expand_as(x).bool()
+    out["bg_mse_gt"] = float(mean_squared_error(x[pixels], y[pixels]))
+    previous = lpips_module.spatial
+    lpips_module.spatial = True          # the library's per-pixel LPIPS map, at the input's size
+    try:
+        spatial = lpips_module(x, y, normalize=True)
+    finally:
+        lpips_module.spatial = previous
+    out["bg_lpips_gt"] = 100 * float((spatial * keep).sum() / keep.sum())
     xm, ym = x * keep, y * keep
     out["bg_psnr_pie"] = float(peak_signal_noise_ratio(xm, ym, data_range=1.0))
     out["bg_ssim_pie"] = float(ssim(xm, ym, data_range=1.0))
@@ -64,14 +84,17 @@ def background_scores(edited: Image.Image, original: Image.Image, mask, lpips_mo
 
 
 def clip_edited(scorer, edited: Image.Image, mask, text: str) -> float:
-    """CLIPScore of the edited region: the edited image multiplied by the mask, with `text`."""
+    """CLIPScore of the edited region: the edited image multiplied by the mask, with `text`
+    (NaN for an empty mask, as PIE-Bench)."""
     region = 1 - keep_of(mask, edited.size)
+    if region.sum() == 0:
+        return math.nan
     pixels = (as_tensor(edited) * region * 255).round().to(torch.uint8)[0]
     return scorer(pixels, text)
 
 
 MASKED_INFO = {
-    "background": {"backbone": "torchmetrics PSNR / SSIM / MSE, and the LPIPS network of `lpips`",
+    "background": {"backbone": "torchmetrics PSNR / SSIM / MSE, and LPIPS squeeze (PIE-Bench's)",
                    "resolution": "the input's own size",
                    "range": "_gt: over background pixels only (MSE of [0, 1] pixels, LPIPS x100); _pie: "
                             "whole-image scores of both images x (1 - mask) (PSNR dB, SSIM [-1, 1], MSE, LPIPS x100)"},

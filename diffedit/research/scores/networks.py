@@ -8,7 +8,7 @@ from the user's files (weights.py) and handed back as modules:
                       2048-d pool3 features, its input uint8 resized to 299 inside
     clip(model)       transformers' CLIPModel + CLIPProcessor from a local folder (safetensors), with
                       the adapter torchmetrics' CLIPScore needs under transformers 5
-    deit()            timm's deit_base_distilled_patch16_384 and timm's own eval transform
+    deit()            timm's deit_base_distilled_patch16_384 (its input: accuracy.flexit_transform)
 
 Each builder takes either a weights folder (`folder`, or $DIFFEDIT_METRIC_WEIGHTS) or an explicit
 state dict (`state`, for tests and for files the caller already read).
@@ -135,9 +135,3 @@ def deit(folder: str | os.PathLike | None = None, state: dict | None = None, **o
     state, path = _state("deit", folder, state)
     module = timm.create_model(DEIT_NAME, pretrained=False, **overrides)
     return load_into(module, state, path, "DeiT")
-
-
-def deit_transform(module: torch.nn.Module):
-    """timm's evaluation transform of the model (resize, centre crop, ImageNet normalisation)."""
-    from timm.data import create_transform, resolve_data_config
-    return create_transform(**resolve_data_config({}, model=module))

@@ -3,9 +3,14 @@
     LPIPS x100   torchmetrics' LPIPS (backbone alex / vgg / squeeze), edited against input, both
                  resized (shorter side, bilinear) and centre-cropped to 256 as FlexIT's eval.py,
                  inputs in [0, 1] (normalize=True); 0 = identical, x100 as FlexIT reports it
-    L1           torchmetrics' mean absolute error on the same crops, pixels in [0, 1]
+    L1           torchmetrics' mean absolute error on the same crops, pixels in [0, 1] (not x100)
     CLIPScore    torchmetrics' CLIPScore: max(100 cos(image, text), 0) with the user's CLIP model,
                  the whole edited image (the processor resizes and crops to the model's size)
+
+LPIPS and L1 checked against FlexIT's own evaluation (facebookresearch/SemanticImageTranslation,
+eval.py: `resize`, and the lpips / l1 blocks of evaluate()): lpips.LPIPS(net='alex') with
+normalize=True, x100; L1 the mean of |input - edit| over the 256 crops, unscaled; the input is
+the ImageNet file itself (our images/ITEM/input.png), the edit restored to its size.
 """
 
 from __future__ import annotations

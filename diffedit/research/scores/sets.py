@@ -8,6 +8,12 @@ pool3, of FlexIT's 256 crops; the network resizes them to 299 inside):
     CSFID   FlexIT's "CSFID": the mean over target classes c of || mean(features of the edits of
             target c) - mean(reference features of class c) ||^2 -- no covariance, not an FID
 
+SFID and CSFID checked against FlexIT's evaluation (facebookresearch/SemanticImageTranslation,
+eval.py, the `fid` block of evaluate(): 'SFID(mean)' and 'CSFID(mean)', over the target classes
+present, of the features of the 256 crops). FlexIT's Inception (utils/inception.py, pool3 block
+3) is not in the published repository; it is the pytorch-fid port, whose resize to 299 differs
+slightly from torch-fidelity's used here (same FID weights).
+
 Reference statistics (`diffedit bench stats`) are saved as safetensors: the global mean,
 covariance and count (for FID), and per class the mean and count (for CSFID). Per-class
 covariances are not kept (1,000 x 2048 x 2048 float64 would be 34 GB; CSFID needs none).
