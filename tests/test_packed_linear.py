@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from diffedit import devices
 from diffedit.models import host_memory
@@ -19,7 +18,6 @@ from diffedit.errors import ParameterError
 from diffedit.models import packed_linear
 from diffedit.models.packed_conv import replace_children
 from diffedit.models.packed_linear import PackedLinear, backend_of, linear_backend, pack_linears, unpack_linears
-from diffedit.models.unet import TokenConv1x1
 from diffedit.pipeline import DiffEditPipeline
 
 CPU = torch.device("cpu")
@@ -96,28 +94,6 @@ def test_pack_and_unpack_restore_plain_linears():
         assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
         assert unpack_linears(model) == 2 and backend_of(model) == "torch"
         assert type(model[0]) is nn.Linear and torch.equal(model(x), expected)
-
-
-@pytest.mark.parametrize("dtype", dtypes())
-def test_sd1_conv_projections_pack_as_linears_and_keep_their_conv_weights(dtype):
-    """SD 1.x's proj_in / proj_out (1x1 convs, applied to the tokens): packed like linear layers,
-    saved with their (out, in, 1, 1) weights, the same map as the conv on the image layout."""
-    torch.manual_seed(4)
-    conv = nn.Conv2d(24, 40, 1).to(dtype)
-    projection = TokenConv1x1(24, 40).to(dtype)
-    projection.load_state_dict(conv.state_dict(), strict=True)
-    model = nn.Sequential(projection)
-    image = torch.randn(2, 24, 5, 3).to(dtype)
-    expected = rearrange(conv(image), "b c h w -> b (h w) c")
-    tokens = rearrange(image, "b c h w -> b (h w) c")
-    with torch.inference_mode():
-        assert rel_err(model(tokens), expected) < REL[dtype]
-        assert pack_linears(model) == 1 and isinstance(model[0], PackedLinear)
-        assert rel_err(model(tokens), expected) < REL[dtype]
-        state = model.state_dict()
-        assert state["0.weight"].shape == (40, 24, 1, 1) and torch.equal(state["0.weight"], conv.weight)
-        assert unpack_linears(model) == 1 and type(model[0]) is TokenConv1x1
-        assert model[0].weight.shape == (40, 24, 1, 1) and rel_err(model(tokens), expected) < REL[dtype]
 
 
 def test_packing_frees_each_replaced_layer_before_the_next():

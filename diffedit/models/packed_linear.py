@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from diffedit import devices
 from diffedit.errors import ParameterError
 from diffedit.models.packed_conv import replace_children
-from diffedit.models.unet import TokenConv1x1
 
 VARIABLE = "DIFFEDIT_CPU_LINEAR"
 BACKENDS = ("auto", "torch", "onednn")
@@ -76,25 +75,21 @@ def linear_backend(device: torch.device, dtype: torch.dtype, requested: str | No
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` (or SD 1.x's 1x1-conv projection, unet.TokenConv1x1) whose weight lives in
-    oneDNN's blocked layout, packed once."""
+    """An `nn.Linear` whose weight lives in oneDNN's blocked layout, packed once."""
 
-    def __init__(self, linear: nn.Linear | TokenConv1x1):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.plain_type, self.plain_shape = type(linear), tuple(linear.weight.shape)  # to save and unpack as it was
-        weight = linear.weight.detach().flatten(1)  # (out, in[, 1, 1]) -> (out, in)
-        self.out_features, self.in_features = weight.shape
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def plain_weight(self) -> torch.Tensor:
-        """The weight in the plain layout and shape of the module it replaced."""
-        return self.weight.to_dense().view(self.plain_shape)
+        return self.weight.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() and x.requires_grad) or x.dtype != self.weight.dtype:
-            return F.linear(x, self.plain_weight().flatten(1), self.bias)
+            return F.linear(x, self.plain_weight(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -107,13 +102,13 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Replace every `nn.Linear` and `TokenConv1x1` inside `module` by a `PackedLinear` (in place,
-    one at a time, so no second copy of the weights is ever held). Returns how many were replaced."""
-    return replace_children(module, lambda c: PackedLinear(c) if type(c) in (nn.Linear, TokenConv1x1) else None)
+    """Replace every `nn.Linear` inside `module` by a `PackedLinear` (in place, one at a time, so
+    no second copy of the weights is ever held). Returns how many were replaced."""
+    return replace_children(module, lambda c: PackedLinear(c) if type(c) is nn.Linear else None)
 
 
-def _plain_linear(packed: PackedLinear) -> nn.Linear | TokenConv1x1:
-    linear = packed.plain_type(packed.in_features, packed.out_features, bias=packed.bias is not None, device="meta")
+def _plain_linear(packed: PackedLinear) -> nn.Linear:
+    linear = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None, device="meta")
     linear.weight = nn.Parameter(packed.plain_weight(), requires_grad=False)
     if packed.bias is not None:
         linear.bias = packed.bias

@@ -84,28 +84,15 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-class TokenConv1x1(nn.Conv2d):
-    """SD 1.x's 1x1-conv projection, applied to tokens (B, N, C) as the linear map it is.
-
-    Weights and `state_dict` are those of `nn.Conv2d(i, o, 1)` (SD 1.x checkpoints load as they
-    are); projecting after the "b c h w -> b (h w) c" rearrange instead of before gives the same
-    numbers up to rounding, and lets the packed linear layers of packed_linear.py serve it."""
-
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None):
-        super().__init__(in_channels, out_channels, 1, bias=bias, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.flatten(1), self.bias)
-
-
 class SpatialTransformer(nn.Module):
     """GroupNorm, projection in, transformer blocks over the h*w tokens, projection out, residual.
-    SD 1.x projects with 1x1 convs, SD 2.x with linear layers: the same map on the tokens."""
+    SD 1.x projects with 1x1 convs, SD 2.x with linear layers (the same map, another layout)."""
 
     def __init__(self, channels: int, heads: int, config: UNetConfig):
         super().__init__()
+        self.linear = config.use_linear_projection
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
-        project = nn.Linear if config.use_linear_projection else TokenConv1x1
+        project = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = project(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, heads, config.cross_attention_dim, config.upcast_attention)
@@ -115,10 +102,18 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         residual, x = x, self.norm(x)
-        x = self.proj_in(rearrange(x, "b c h w -> b (h w) c"))
+        if not self.linear:
+            x = self.proj_in(x)
+        x = rearrange(x, "b c h w -> b (h w) c")
+        if self.linear:
+            x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
-        x = rearrange(self.proj_out(x), "b (h w) c -> b c h w", h=h, w=w)
+        if self.linear:
+            x = self.proj_out(x)
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        if not self.linear:
+            x = self.proj_out(x)
         return x + residual
 
 
