@@ -219,7 +219,7 @@ def test_the_readme_bench_commands_parse():
 
     from diffedit.cli import build_parser
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Reproducing the paper (in progress)", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Reproducing the paper\n", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"^diffedit bench .*?(?<!\\)$", section.replace("\\\n", " "), flags=re.M)
     assert len(commands) == 8   # three benchmarks, a quick seeded subset, two report forms, stats, score
     for line in commands:

@@ -22,6 +22,7 @@ covariances are not kept (1,000 x 2048 x 2048 float64 would be 34 GB; CSFID need
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -132,7 +133,9 @@ def fid(fake: torch.Tensor, stats: dict[str, torch.Tensor]) -> float:
     metric.fake_features_cov_sum = fake.T @ fake
     metric.fake_features_num_samples = torch.tensor(len(fake))
     metric.orig_dtype = torch.float64
-    return float(metric.compute())
+    with warnings.catch_warnings():  # its state was set, not update()d: the metric's warning does not apply
+        warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+        return float(metric.compute())
 
 
 def sfid(fake: torch.Tensor, stats: dict[str, torch.Tensor]) -> float:
