@@ -12,6 +12,7 @@ every r), resuming and sharding as `diffedit sweep`.
     diffedit bench report DIR [--pair X Y ...]   the trade-off figures and report.md (research/report.py)
     diffedit bench score DIR [--metrics ...]     the library metrics of a finished folder (research/scores/)
     diffedit bench stats IMAGENET_TRAIN --out STATS.safetensors   reference statistics for FID/SFID/CSFID
+      score and stats: [--device cpu|cuda|cuda:N]   where their metric networks run (default cpu)
 
 Methods (the paper's curves): diffedit; diffedit-no-encoding (the mask, with noised latents
 instead of DDIM-encoded ones); sdedit (no mask, no encoding); encode-decode (DDIM encoding,
@@ -78,7 +79,8 @@ def add_arguments(parser) -> None:
         add_argument(group, name)
     group.add_argument("--resolution", type=int, default=None, metavar="PX", help="working size's longest side, "
                        "a multiple of 8 (default: the model's own size)")
-    group.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu); for `score` and "
+                       "`stats`, where the metric networks run")
     group.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
     protocol = parser.add_argument_group("protocol options")
     protocol.add_argument("--split", default="test", choices=["test", "dev"], help="imagenet: FlexIT's split "
@@ -214,10 +216,11 @@ def run_scores(args) -> int:
         raise ParameterError("`diffedit bench stats` needs --out FILE.safetensors for the statistics.")
     scores.check_extra()
     if args.benchmark == "stats":
-        path = scores.compute_stats(args.file, args.out, args.metric_weights, args.per_class, bar=not args.quiet)
+        path = scores.compute_stats(args.file, args.out, args.metric_weights, args.per_class, bar=not args.quiet,
+                                    device=args.device)
         print(f"wrote {path}")
         return 0
     written = scores.score_folder(args.file, args.metrics, args.metric_weights, args.lpips_net, args.clip_model,
-                                  args.stats)
+                                  args.stats, device=args.device)
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0

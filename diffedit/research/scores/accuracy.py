@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from diffedit.research.benchmarks.imagenet import QUERIES, read_queries
+from diffedit.research.scores.networks import device_of
 
 DEIT_SIZE = 384
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -47,7 +48,8 @@ class DeiTAccuracy:
     @torch.no_grad()
     def predict(self, image: Image.Image) -> int:
         """The ImageNet index of the most likely of the allowed classes."""
-        logits = self.module(self.transform(image.convert("RGB"))[None])[0]
+        x = self.transform(image.convert("RGB"))[None].to(device_of(self.module))
+        logits = self.module(x)[0].cpu()
         return int(self.classes[logits[self.classes].argmax()])
 
     def __call__(self, image: Image.Image, source_id: int, target_id: int) -> dict[str, float]:

@@ -4,16 +4,21 @@ bench folder, and the reference statistics they compare with. Both need the `eva
     diffedit bench score DIR [--metrics lpips l1 clip_score fid sfid csfid deit background clip_edited
                              structure] [--lpips-net alex]
                              [--clip-model openai/clip-vit-large-patch14] [--stats STATS.safetensors]
-                             [--metric-weights WEIGHTS_DIR]
+                             [--metric-weights WEIGHTS_DIR] [--device cpu|cuda|cuda:N]
     diffedit bench stats IMAGENET_TRAIN --out STATS.safetensors [--per-class N] [--metric-weights DIR]
+                             [--device cpu|cuda|cuda:N]
 
 `score` reads the rows (results.jsonl, copy.jsonl), the pictures they name and benchmark.json,
 writes DIR/scores.jsonl (one row per edit: its key, item, method, r and per-edit scores), and adds
 to summary.json / summary.csv, per (method, r), the mean of each per-edit score and the set scores
 (FID, SFID, CSFID over that group's edits), with `metric_info`: each metric's backbone,
-resolution, range and library version. `stats` walks ROOT/<wnid>/*.JPEG (ImageNet train): the
-global mean, covariance and count of the Inception features, and per FlexIT target class (the
-query list gives their wnids and indices) the mean and count.
+resolution, range, library versions and device. `stats` walks ROOT/<wnid>/*.JPEG (ImageNet
+train): the global mean, covariance and count of the Inception features, and per FlexIT target
+class (the query list gives their wnids and indices) the mean and count.
+
+Both run their networks on `--device` (the option of `diffedit bench`, default cpu), checked
+before any network is built; each network is built on the CPU and moved there once, and the
+scorers send their inputs to their network's device and bring back floats and CPU tensors.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffedit.devices import parse_device
 from diffedit.errors import ParameterError
 from diffedit.research.table import RESULTS, read_json, read_rows, write_together
 
 PER_EDIT = ("lpips", "l1", "clip_score", "deit", "background", "clip_edited", "structure")
 PER_SET = ("fid", "sfid", "csfid")
 DEFAULT_METRICS = ("lpips", "l1", "clip_score")
+NO_NETWORK = ("l1",)     # computed on the CPU whatever the device
 METHOD_OF = {"none": "diffedit", "no_encode": "diffedit-no-encoding", "sdedit": "sdedit", "no_mask": "encode-decode"}
 
 
@@ -100,10 +107,17 @@ def _open(path: Path) -> Image.Image:
 
 
 def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex",
-                 clip_model="openai/clip-vit-large-patch14", stats_path=None) -> list[Path]:
-    """Score a finished bench folder (see the module docstring); returns the files written."""
+                 clip_model="openai/clip-vit-large-patch14", stats_path=None, device="cpu") -> list[Path]:
+    """Score a finished bench folder (see the module docstring) with the networks on `device`;
+    returns the files written."""
+    device = parse_device(device)   # a device torch cannot use is refused before any network is built
     from diffedit.research.scores import networks, sets
     from diffedit.research.scores.perceptual import L1_INFO, LPIPS, CLIPScorer, l1
+
+    def clip_scorer() -> CLIPScorer:
+        model, processor = networks.clip(clip_model, weights)
+        return CLIPScorer(model.to(device), processor, clip_model)
+
     folder = Path(folder).expanduser()
     listing = read_json(folder / "benchmark.json", "benchmark listing") if (folder / "benchmark.json").is_file() \
         else None
@@ -114,12 +128,12 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
     metrics = list(dict.fromkeys(metrics))
     rows, info, scorers = _edit_rows(folder), {}, {}
     if "lpips" in metrics:
-        scorers["lpips"] = LPIPS(networks.lpips(lpips_net, weights), lpips_net)
+        scorers["lpips"] = LPIPS(networks.lpips(lpips_net, weights).to(device), lpips_net)
         info["lpips"] = scorers["lpips"].info()
     if "l1" in metrics:
         info["l1"] = L1_INFO
     if "clip_score" in metrics:
-        scorers["clip_score"] = CLIPScorer(*networks.clip(clip_model, weights), clip_model)
+        scorers["clip_score"] = clip_scorer()
         info["clip_score"] = scorers["clip_score"].info()
     if {"background", "clip_edited"} & set(metrics):
         from diffedit.research.scores.masked import (
@@ -131,20 +145,19 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
             raise ParameterError("background and clip_edited need ground-truth masks: score a pie-bench folder or "
                                  "a pairs file with masks.")
         background_net = scorers["lpips"].module if "lpips" in scorers and lpips_net == "squeeze" else \
-            networks.lpips("squeeze", weights)   # PIE-Bench's backbone for the background LPIPS
+            networks.lpips("squeeze", weights).to(device)   # PIE-Bench's backbone for the background LPIPS
         info.update({m: MASKED_INFO[m] for m in ("background", "clip_edited") if m in metrics})
         if "clip_edited" in metrics and "clip_score" not in scorers:
-            scorers["clip_score"] = CLIPScorer(*networks.clip(clip_model, weights), clip_model)
+            scorers["clip_score"] = clip_scorer()
     if "structure" in metrics:
         from diffedit.research.scores.structure import StructureDistance, dino
-        scorers["structure"] = StructureDistance(dino(weights))
+        scorers["structure"] = StructureDistance(dino(weights).to(device))
         info["structure"] = StructureDistance.info()
     if "deit" in metrics:
         from diffedit.research.scores.accuracy import DeiTAccuracy
         if not all("target_id" in it for it in items.values()):
             raise ParameterError("deit accuracy needs ImageNet class ids: score an `imagenet` bench folder.")
-        net = networks.deit(weights)
-        scorers["deit"] = DeiTAccuracy(net)
+        scorers["deit"] = DeiTAccuracy(networks.deit(weights).to(device))
         info["deit"] = DeiTAccuracy.info()
     stats = None
     if "csfid" in metrics and not all("target_id" in it for it in items.values()):
@@ -154,11 +167,12 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
             raise ParameterError("fid, sfid and csfid need the reference statistics: pass --stats FILE (made once "
                                  "with `diffedit bench stats IMAGENET_TRAIN --out FILE`).")
         stats, about = sets.load_statistics(stats_path)
-        inception = networks.inception(weights)
+        inception = networks.inception(weights).to(device)
         info.update({m: {"backbone": f"Inception-v3 (FID graph, torchmetrics NoTrainInceptionV3), {sets.SET_INFO[m]}",
                          "resolution": "shorter side 256, centre crop 256, resized to 299 inside",
                          "range": ">= 0, lower = closer to the reference images", "reference": about}
                      for m in PER_SET if m in metrics})
+    info = {m: {**v, "device": "cpu" if m in NO_NETWORK else str(device)} for m, v in info.items()}
     scored, feats = [], {}
     for r in rows:
         item = items.get(r["item"], {})
@@ -238,15 +252,17 @@ def train_images(root: Path, per_class: int | None) -> list[tuple[Path, str]]:
     return files
 
 
-def compute_stats(root, out, weights=None, per_class=None, batch=16, bar=True) -> Path:
-    """The reference statistics of an ImageNet train folder (see the module docstring)."""
+def compute_stats(root, out, weights=None, per_class=None, batch=16, bar=True, device="cpu") -> Path:
+    """The reference statistics of an ImageNet train folder (see the module docstring), the
+    Inception network on `device`."""
+    device = parse_device(device)   # refused before the network is built
     from diffedit.research.benchmarks.imagenet import read_queries
     from diffedit.research.scores import networks, sets
     if per_class is not None and per_class < 1:
         raise ParameterError(f"--per-class must be at least 1, got {per_class}.")
     index = {r["path"].split("/")[0]: r["source_id"] for s in ("test", "dev") for r in read_queries(s)}
     files = train_images(Path(root).expanduser(), per_class)
-    inception, acc = networks.inception(weights), sets.Accumulator()
+    inception, acc = networks.inception(weights).to(device), sets.Accumulator()
     for start in range(0, len(files), batch):
         chunk = files[start:start + batch]
         acc.add(sets.features(inception, [_open(p) for p, _ in chunk], batch),
@@ -258,5 +274,6 @@ def compute_stats(root, out, weights=None, per_class=None, batch=16, bar=True) -
     acc.class_sum.pop(-1, None), acc.class_count.pop(-1, None)   # classes outside FlexIT's: global only
     about = {"root": str(root), "images": len(files), "per_class": per_class, "classes": len({w for _, w in files}),
              "features": "Inception-v3 FID graph (torchmetrics NoTrainInceptionV3) pool3 2048-d",
-             "crop": "shorter side 256, centre crop 256 (FlexIT)", "libraries": versions()}
+             "crop": "shorter side 256, centre crop 256 (FlexIT)", "device": str(device),
+             "libraries": versions()}
     return sets.save_statistics(acc.statistics(), out, about)

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from diffedit.errors import ParameterError
+from diffedit.research.scores.networks import device_of
 
 BACKGROUND = ("bg_mse_gt", "bg_lpips_gt", "bg_psnr_pie", "bg_ssim_pie", "bg_mse_pie", "bg_lpips_pie")
 
@@ -61,8 +62,9 @@ def background_scores(edited: Image.Image, original: Image.Image, mask, lpips_mo
     if edited.size != original.size:
         raise ParameterError(f"the edit is {edited.size[0]}x{edited.size[1]} but its input {original.size[0]}x"
                              f"{original.size[1]}; background scores compare pictures of one size.")
-    x, y = as_tensor(edited), as_tensor(original)
-    keep = keep_of(mask, original.size)
+    device = device_of(lpips_module)            # every score of the edit computed where the network is
+    x, y = as_tensor(edited).to(device), as_tensor(original).to(device)
+    keep = keep_of(mask, original.size).to(device)
     if keep.sum() == 0:
         return dict.fromkeys(BACKGROUND, math.nan)
     out = {}

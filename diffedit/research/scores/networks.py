@@ -11,11 +11,14 @@ from the user's files (weights.py) and handed back as modules:
     deit()            timm's deit_base_distilled_patch16_384 (its input: accuracy.flexit_transform)
 
 Each builder takes either a weights folder (`folder`, or $DIFFEDIT_METRIC_WEIGHTS) or an explicit
-state dict (`state`, for tests and for files the caller already read).
+state dict (`state`, for tests and for files the caller already read), and returns the module on
+the CPU; `bench score --device` moves it once after that, and every scorer sends its inputs to
+`device_of(module)`, so a scorer works wherever its module is.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -33,6 +36,12 @@ from diffedit.research.scores.weights import (
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 INCEPTION_NAME = "inception-v3-compat"
 DEIT_NAME = "deit_base_distilled_patch16_384"
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters (of its buffers if it has none; the CPU if neither)."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _state(network: str, folder, state) -> tuple[dict, Path]:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffedit.research.scores.networks import device_of
+
 FLEXIT_CROP = 256
 
 
@@ -46,7 +48,8 @@ class LPIPS:
     def tensors(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """x100 LPIPS of two (N, 3, H, W) tensors in [0, 1] (mean over N), torchmetrics' update."""
         from torchmetrics.functional.image.lpips import _lpips_update
-        return 100.0 * float(_lpips_update(a, b, net=self.module, normalize=True).mean())
+        device = device_of(self.module)
+        return 100.0 * float(_lpips_update(a.to(device), b.to(device), net=self.module, normalize=True).mean())
 
     def __call__(self, edited: Image.Image, original: Image.Image) -> float:
         return self.tensors(flexit_crop(edited), flexit_crop(original))
@@ -69,16 +72,20 @@ L1_INFO = {"backbone": "none (pixels)", "resolution": f"shorter side {FLEXIT_CRO
 
 class CLIPScorer:
     """torchmetrics' CLIPScore of an image and a text with the model handed in (CLIPAdapter,
-    processor): max(100 cos, 0)."""
+    processor): max(100 cos, 0). It runs where the model is: the library moves the model to the
+    image's device, so the image is sent to the model's (and the metric's state follows it)."""
 
     def __init__(self, model, processor, model_name: str):
         from torchmetrics.multimodal.clip_score import CLIPScore
         self.metric = CLIPScore(model_name_or_path=lambda: (model, processor))
-        self.model_name = model_name
+        self.model, self.model_name = model, model_name
 
     @torch.no_grad()
     def __call__(self, image: Image.Image | torch.Tensor, text: str) -> float:
-        pixels = image if isinstance(image, torch.Tensor) else as_uint8(image)
+        device = device_of(self.model)
+        if self.metric.device != device:
+            self.metric.to(device)
+        pixels = (image if isinstance(image, torch.Tensor) else as_uint8(image)).to(device)
         self.metric.reset()
         self.metric.update(pixels, text)
         return float(self.metric.compute())

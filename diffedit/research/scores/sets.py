@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from diffedit.errors import ModelLoadError, ParameterError
+from diffedit.research.scores.networks import device_of
 from diffedit.research.scores.perceptual import flexit_crop
 
 FEATURES = 2048
@@ -37,12 +38,13 @@ FEATURES = 2048
 
 @torch.no_grad()
 def features(module: torch.nn.Module, images: Iterable[Image.Image], batch: int = 16) -> torch.Tensor:
-    """(N, 2048) float64 Inception features of FlexIT's 256 crops of `images` (uint8 in)."""
-    out, pending = [], []
+    """(N, 2048) float64 Inception features of FlexIT's 256 crops of `images` (uint8 in), computed
+    on the module's device, returned on the CPU."""
+    out, pending, device = [], [], device_of(module)
 
     def flush():
         if pending:
-            out.append(module(torch.cat(pending)).double())
+            out.append(module(torch.cat(pending).to(device)).double().cpu())
             pending.clear()
     for image in images:
         pending.append((flexit_crop(image) * 255).round().to(torch.uint8))

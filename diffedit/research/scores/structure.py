@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffedit.research.scores.networks import device_of
+
 DINO_NAME = "vit_base_patch8_224.dino"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE, MAX_SIZE = 224, 480
@@ -61,8 +63,9 @@ class StructureDistance:
 
     @torch.no_grad()
     def self_similarity(self, image: Image.Image) -> torch.Tensor:
-        """(tokens, tokens) cosine similarity of the last block's keys."""
-        x = dino_input(image)
+        """(tokens, tokens) cosine similarity of the last block's keys, computed on the module's
+        device, returned on the CPU."""
+        x = dino_input(image).to(device_of(self.module))
         patch = self.module.patch_embed.patch_size
         x = x[..., :x.shape[-2] // patch[0] * patch[0], :x.shape[-1] // patch[1] * patch[1]]   # as DINO's strided conv
         found = []
@@ -73,7 +76,7 @@ class StructureDistance:
             hook.remove()
         qkv = found[0]                                   # (1, tokens, 3 x dim): q, k, v, each heads x head_dim
         keys = F.normalize(qkv.reshape(qkv.shape[0], qkv.shape[1], 3, -1)[0, :, 1], dim=-1)
-        return keys @ keys.T
+        return (keys @ keys.T).cpu()
 
     def __call__(self, edited: Image.Image, original: Image.Image) -> float:
         return float(F.mse_loss(self.self_similarity(edited), self.self_similarity(original)))
