@@ -43,6 +43,20 @@ def pictures():
     return [picture(i) for i in range(6)]
 
 
+def write_masked_pairs(folder: Path, first_seed: int, bottom: int, right: int, step: int) -> Path:
+    """Two 64 x 48 pictures with a rectangle mask each (rows 8..bottom, columns 10 + step i..right)
+    and the pairs.jsonl that lists them ("a cat" -> "a dog"); returns the file."""
+    rows = []
+    for i in range(2):
+        picture(first_seed + i, (64, 48)).save(folder / f"in-{i}.png")
+        mask = np.zeros((48, 64), np.uint8)
+        mask[8:bottom, 10 + step * i:right] = 255
+        Image.fromarray(mask).save(folder / f"mask-{i}.png")
+        rows.append({"image": f"in-{i}.png", "mask": f"mask-{i}.png", "source": "a cat", "target": "a dog"})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "pairs.jsonl"
+
+
 def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """The FID Inception's layout with random weights: the library's module built without its
     download (the two loading calls stubbed here, in the tests only), then re-initialised

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import picture
+from conftest import picture, write_masked_pairs
 
 from diffedit.cli import main
 from diffedit.research.benchmarks.common import subset
@@ -104,14 +104,7 @@ def test_masked_scores_of_a_pairs_file_with_masks(tmp_path, metric_weights):
     from PIL import Image
 
     from diffedit.research.scores.masked import clip_edited
-    rows = []
-    for i in range(2):
-        picture(20 + i, (64, 48)).save(tmp_path / f"in-{i}.png")
-        mask = np.zeros((48, 64), np.uint8)
-        mask[8:24, 10 + 10 * i:40] = 255
-        Image.fromarray(mask).save(tmp_path / f"mask-{i}.png")
-        rows.append({"image": f"in-{i}.png", "mask": f"mask-{i}.png", "source": "a cat", "target": "a dog"})
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_masked_pairs(tmp_path, 20, bottom=24, right=40, step=10)
     out = tmp_path / "out"
     assert main(["bench", "pairs", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--methods", "copy",
                  "--quiet"]) == 0

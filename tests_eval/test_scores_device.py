@@ -19,8 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import picture
-from PIL import Image
+from conftest import picture, write_masked_pairs
 from test_scores_networks_bench import (
     EDIT,
     TINY,
@@ -66,15 +65,8 @@ def benches(tmp_path_factory, metric_weights):
         picture(70 + n, (90, 70)).save(root / "train" / w / f"{w}_0.JPEG", format="JPEG")
     assert main(["bench", "imagenet", "--data", str(root / "val"), "--out", str(root / "imagenet"), "--limit", "2",
                  "--subset-seed", "5", *EDIT]) == 0
-    rows = []
-    for i in range(2):
-        picture(80 + i, (64, 48)).save(root / f"in-{i}.png")
-        mask = np.zeros((48, 64), np.uint8)
-        mask[8:30, 10 + 8 * i:44] = 255
-        Image.fromarray(mask).save(root / f"mask-{i}.png")
-        rows.append({"image": f"in-{i}.png", "mask": f"mask-{i}.png", "source": "a cat", "target": "a dog"})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["bench", "pairs", str(root / "pairs.jsonl"), "--out", str(root / "pairs"), *EDIT]) == 0
+    pairs = write_masked_pairs(root, 80, bottom=30, right=44, step=8)
+    assert main(["bench", "pairs", str(pairs), "--out", str(root / "pairs"), *EDIT]) == 0
     return root, weights
 
 
