@@ -346,6 +346,7 @@ def test_animated_image_is_edited_on_its_first_frame_with_one_warning(fmt, tmp_p
 
 GUARDED_IMPORT = r"""
 import builtins, os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: not ignored, as a background job
 sys.argv = ["diffedit", "--help"]
 real = builtins.__import__
 def imp(name, *args, **kwargs):
@@ -356,6 +357,12 @@ builtins.__import__ = imp
 from diffedit.cli import main
 sys.exit(main())
 """
+
+
+def deliver_ctrl_c() -> None:
+    """In the child before it runs: Ctrl-C at its default, as from a terminal. A suite started as a
+    background job inherits it ignored, and diffedit (rightly) keeps ignoring it then."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("signame, status, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
@@ -375,7 +382,7 @@ def test_ctrl_c_soon_after_start_is_exit_130_and_one_line(delay, tmp_path):
     noise_image(24, 16).save(image)
     proc = subprocess.Popen([sys.executable, "-m", "diffedit", "mask", str(image), "--source", "a", "--target", "b",
                              "--out", str(tmp_path / "m.png"), *FAST], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=deliver_ctrl_c)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
