@@ -10,10 +10,12 @@ the mask is.
 The edit mask is 1 (True) where the edit may change the image; the metrics compare the rest.
 It can be the ground-truth region of the edit, or the predicted DiffEdit mask.
 
-Metrics that need weights (LPIPS, a CLIP image tower) are not implemented here: the user
-registers them with `register_metric(name, fn)` (or names a factory and the weights they supply
-in a sweep config, `load_metric`); a metric that is not registered is absent from the results,
-never replaced by a stand-in.
+Metrics that need a network's weights (LPIPS, CLIPScore, FID, DeiT, DINO) are not here: the
+maintained libraries compute them, after a run, from its saved pictures (`diffedit bench score`,
+research/scores/, the `eval` extra). During a sweep, the user can also register their own with
+`register_metric(name, fn)` (or name a factory and the weights they supply in a sweep config,
+`load_metric`); a metric that is not registered is absent from the results, never replaced by a
+stand-in.
 """
 
 from __future__ import annotations
