@@ -76,6 +76,23 @@ def test_structure_distance_is_zero_for_the_same_image_and_grows(dino_folder):
     assert score(a, a) == 0.0 and score(a, b) > 0
 
 
+def test_the_original_runs_once_for_the_edits_of_one_item(dino_folder):
+    """Consecutive edits of one original: the network sees the original once, and every distance
+    equals the one a fresh scorer gives; another original is computed anew."""
+    folder, _ = dino_folder
+    module = structure.dino(folder, **TINY)
+    score = structure.StructureDistance(module)
+    calls = []
+    module.register_forward_hook(lambda m, i, o: calls.append(1))
+    original, other = picture(1, (64, 64)), picture(5, (64, 64))
+    edits = [picture(2 + k, (64, 64)) for k in range(3)]
+    distances = [score(e, original) for e in edits]
+    assert len(calls) == 1 + len(edits)
+    assert distances == [structure.StructureDistance(module)(e, original) for e in edits]
+    calls.clear()
+    assert score(edits[0], other) == structure.StructureDistance(module)(edits[0], other) and len(calls) == 4
+
+
 def test_missing_dino_weights_are_named(tmp_path):
     with pytest.raises(ModelLoadError, match="dino_vitb8.safetensors"):
         structure.dino(tmp_path)

@@ -135,7 +135,8 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
     if "clip_score" in metrics:
         scorers["clip_score"] = clip_scorer()
         info["clip_score"] = scorers["clip_score"].info()
-    if {"background", "clip_edited"} & set(metrics):
+    masked = bool({"background", "clip_edited"} & set(metrics))   # the scores that need the ground-truth mask
+    if masked:
         from diffedit.research.scores.masked import (
             MASKED_INFO,
             background_scores,
@@ -153,14 +154,15 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
         from diffedit.research.scores.structure import StructureDistance, dino
         scorers["structure"] = StructureDistance(dino(weights).to(device))
         info["structure"] = StructureDistance.info()
+    has_classes = all("target_id" in it for it in items.values())
     if "deit" in metrics:
         from diffedit.research.scores.accuracy import DeiTAccuracy
-        if not all("target_id" in it for it in items.values()):
+        if not has_classes:
             raise ParameterError("deit accuracy needs ImageNet class ids: score an `imagenet` bench folder.")
         scorers["deit"] = DeiTAccuracy(networks.deit(weights).to(device))
         info["deit"] = DeiTAccuracy.info()
     stats = None
-    if "csfid" in metrics and not all("target_id" in it for it in items.values()):
+    if "csfid" in metrics and not has_classes:
         raise ParameterError("csfid needs each edit's target class: score an `imagenet` bench folder, or leave it out.")
     if set(metrics) & set(PER_SET):
         if stats_path is None:
@@ -173,11 +175,14 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
                          "range": ">= 0, lower = closer to the reference images", "reference": about}
                      for m in PER_SET if m in metrics})
     info = {m: {**v, "device": "cpu" if m in NO_NETWORK else str(device)} for m, v in info.items()}
-    scored, feats = [], {}
+    scored, feats, current = [], {}, None
     for r in rows:
         item = items.get(r["item"], {})
         edited = _open(folder / r["image"])
-        original = _open(folder / "images" / r["item"] / "input.png")
+        if current is None or current[0] != r["item"]:   # an item's rows follow one another (the plan's order):
+            pictures = folder / "images" / r["item"]       # its input and mask are read once, one item held
+            current = (r["item"], _open(pictures / "input.png"), _open(pictures / "gt_mask.png") if masked else None)
+        _, original, gt = current
         out = {"key": r["key"], "item": r["item"], "method": r["method"], "strength": r.get("strength")}
         if "lpips" in scorers:
             out["lpips"] = scorers["lpips"](edited, original)
@@ -185,8 +190,7 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
             out["l1"] = l1(edited, original)
         if "clip_score" in metrics:
             out["clip_score"] = scorers["clip_score"](edited, item.get("target", ""))
-        if {"background", "clip_edited"} & set(metrics):
-            gt = _open(folder / "images" / r["item"] / "gt_mask.png")
+        if gt is not None:
             if "background" in metrics:
                 out.update(background_scores(edited, original, gt, background_net))
             if "clip_edited" in metrics:
