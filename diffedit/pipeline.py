@@ -82,7 +82,7 @@ class DiffEditPipeline:
                         linear_backend: str | None = None) -> "DiffEditPipeline":
         """Load a diffusers-layout folder, a single original-layout file or a hub id (None: the
         small model embedded in the repository). On the CPU the UNet's and VAE's 3x3 convolutions
-        keep their weights in oneDNN's layout (models/packed_conv.py: same results up to rounding,
+        (in bf16 the 1x1 ones too) keep their weights in oneDNN's layout (models/packed_conv.py: same results up to rounding,
         faster; figures in the README); pack_convolutions=False keeps plain `nn.Conv2d`s. The
         linear layers of all three models run on `linear_backend` ("auto", "torch", "onednn";
         None: the DIFFEDIT_CPU_LINEAR variable, else "auto"; models/packed_linear.py)."""
@@ -98,8 +98,9 @@ class DiffEditPipeline:
                 model.unet.to(memory_format=torch.channels_last)
                 model.vae.to(memory_format=torch.channels_last)
             if pack_convolutions and packed_conv.can_pack(device, dtype):
-                packed_conv.pack_convolutions(model.unet)
-                packed_conv.pack_convolutions(model.vae)
+                one_by_one = dtype == torch.bfloat16  # 1x1 too: faster in bf16 only (packed_conv.py)
+                packed_conv.pack_convolutions(model.unet, one_by_one)
+                packed_conv.pack_convolutions(model.vae, one_by_one)
             if linear == "onednn":
                 for network in (model.unet, model.vae, model.text_encoder):
                     packed_linear.pack_linears(network)

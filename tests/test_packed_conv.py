@@ -3,10 +3,13 @@ irregular shapes, strides and batch sizes; re-packing when the input shape chang
 weights in state_dict and back through unpack; autograd falls back to the plain path; the
 pipeline packs on the CPU and can be told not to."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
+from diffedit.devices import PrecisionWarning
 from diffedit.models import packed_conv
 from diffedit.models.packed_conv import PackedConv2d, can_pack, pack_convolutions, unpack_convolutions
 from diffedit.pipeline import DiffEditPipeline
@@ -85,6 +88,9 @@ def test_pack_skips_1x1_and_unpack_restores_plain_convolutions():
         assert unpack_convolutions(model) == 2
         assert not any(isinstance(m, PackedConv2d) for m in model.modules())
         assert torch.equal(model(x), expected)
+        assert pack_convolutions(model, one_by_one=True) == 3  # what the pipeline asks for in bf16
+        assert isinstance(model[2], PackedConv2d) and rel_err(model(x), expected) < REL
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
 
 
 def test_pipeline_packs_on_the_cpu_and_can_be_told_not_to(tmp_path):
@@ -104,6 +110,29 @@ def test_pipeline_packs_on_the_cpu_and_can_be_told_not_to(tmp_path):
         assert rel_err(packed.vae.encode(image).mean, plain.vae.encode(image).mean) < REL
     assert packed.unet.state_dict().keys() == plain.unet.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(packed.unet.state_dict().values(), plain.unet.state_dict().values()))
+
+
+def test_pipeline_packs_1x1_convolutions_in_bf16_only(tmp_path):
+    from reference_models import build_reference
+    folder = build_reference("tiny", tmp_path / "tiny", seed=0)[0]
+    fp32 = DiffEditPipeline.from_pretrained(folder)
+    one_by_one = [name for name, m in fp32.unet.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert one_by_one, "the tiny reference UNet has 1x1 convolutions"
+    assert not any(isinstance(m, PackedConv2d) and m.kernel_size == (1, 1) for m in fp32.unet.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)  # emulated bf16 warns that it is slow
+        bf16 = DiffEditPipeline.from_pretrained(folder, dtype="bf16")
+    modules = dict(bf16.unet.named_modules())
+    if not can_pack(torch.device("cpu"), torch.bfloat16):  # emulated bf16 (AVX2): nothing is packed
+        assert not any(isinstance(m, PackedConv2d) for m in modules.values())
+        return
+    assert all(isinstance(modules[name], PackedConv2d) for name in one_by_one)
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    context = bf16.encode_prompt(["a red circle", ""])
+    plain = DiffEditPipeline.from_pretrained(folder, dtype="bf16", pack_convolutions=False)
+    with torch.inference_mode():
+        x = latents.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        assert rel_err(bf16.unet(x, t, context).float(), plain.unet(x, t, context).float()) < 1e-2
 
 
 def test_no_packing_off_the_cpu_or_in_emulated_bf16(monkeypatch):

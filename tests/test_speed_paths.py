@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from diffedit import devices
 from diffedit.models import vae as vae_lib
+from diffedit.models.packed_conv import PackedConv2d, can_pack
 from diffedit.errors import ParameterError
 from diffedit.pipeline import DiffEditPipeline
 from reference_models import build_reference
@@ -75,8 +76,13 @@ def edit(pipe: DiffEditPipeline, img, **kwargs):
 def test_bf16_weights_and_unet_inputs_are_bf16_channels_last(bf16):
     for model in (bf16.unet, bf16.vae, bf16.text_encoder):
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    convs = [m for m in list(bf16.unet.modules()) + list(bf16.vae.modules()) if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))
+    modules = list(bf16.unet.modules()) + list(bf16.vae.modules())
+    plain = [m for m in modules if type(m) is torch.nn.Conv2d]
+    packed = [m for m in modules if isinstance(m, PackedConv2d)]
+    assert plain or packed
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in plain if c.kernel_size != (1, 1))
+    if can_pack(torch.device("cpu"), torch.bfloat16):  # native bf16: every convolution packed, 1x1 too
+        assert packed and not plain
     seen = []
     forward = bf16.unet.forward
     bf16.unet.forward = lambda x, t, c: seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last),

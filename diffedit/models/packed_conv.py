@@ -19,8 +19,13 @@ leaving a hole in the heap. The parameter count, `state_dict()` keys and values 
 those of `nn.Conv2d`; the results differ from the plain convolution by rounding only (another
 summation order).
 
-1x1 convolutions are left alone: packing did not help them and sometimes made them much slower.
-When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed op has no
+1x1 convolutions are packed only in bf16 (`pack_convolutions(..., one_by_one=True)`, which the
+pipeline asks for in bf16, where the models run channels-last): there the per-call reorder of
+their weights is a tenth of the UNet call, packing them makes a bf16 UNet call about 7 % faster
+with bit-identical outputs (Intel Xeon with AMX-BF16, README "Speed on the CPU"). In fp32 packing
+them gained nothing in the UNet call on that CPU (within the +-5 % noise) and made single shapes
+up to 25 % slower, as earlier measurements on AMD Zen CPUs had found: fp32 1x1 convolutions stay
+plain. When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed op has no
 backward).
 """
 
@@ -44,7 +49,7 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedConv2d(nn.Module):
-    """An `nn.Conv2d` (3x3 or larger, any stride) whose weight lives in oneDNN's layout for the
+    """An `nn.Conv2d` (any kernel size and stride) whose weight lives in oneDNN's layout for the
     last input shape seen."""
 
     def __init__(self, conv: nn.Conv2d):
@@ -101,11 +106,12 @@ def replace_children(module: nn.Module, replace) -> int:
     return count
 
 
-def pack_convolutions(module: nn.Module) -> int:
-    """Replace every non-1x1 `nn.Conv2d` inside `module` by a `PackedConv2d` (in place, one at a
-    time, so no second copy of the weights is ever held). Returns how many were replaced."""
-    return replace_children(module, lambda c: PackedConv2d(c) if type(c) is nn.Conv2d and c.kernel_size != (1, 1)
-                             else None)
+def pack_convolutions(module: nn.Module, one_by_one: bool = False) -> int:
+    """Replace every `nn.Conv2d` inside `module` by a `PackedConv2d`, the 1x1 ones only with
+    `one_by_one` (in place, one at a time, so no second copy of the weights is ever held).
+    Returns how many were replaced."""
+    return replace_children(module, lambda c: PackedConv2d(c) if type(c) is nn.Conv2d and
+                            (one_by_one or c.kernel_size != (1, 1)) else None)
 
 
 def _plain_conv(packed: PackedConv2d) -> nn.Conv2d:
