@@ -328,6 +328,18 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+_interrupted = False  # set by Ctrl-C: whatever fails after it failed because of it
+
+
+def _raise_interrupted(signum, frame):
+    """Ctrl-C: KeyboardInterrupt, remembered. A library may turn it into another error (numpy's
+    import, interrupted, becomes an ImportError that torch swallows, and the next import of numpy
+    fails): after a Ctrl-C every failure ends as the interrupt, exit 130 and one line."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     old_show, old_term = warnings.showwarning, signal.getsignal(signal.SIGTERM)
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
         if old_int is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here on
+            signal.signal(signal.SIGINT, _raise_interrupted)  # KeyboardInterrupt from here on
     except ValueError:  # not the main thread: leave the signals alone
         old_term = None
     try:
@@ -351,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         return _stop(_fail("interrupted; no output file was left half-written.", EXIT_INTERRUPTED))
     except Terminated:
         return _stop(_fail("terminated; no output file was left half-written.", EXIT_TERMINATED))
-    except (MemoryError, RuntimeError, OSError) as e:  # torch's OutOfMemoryError is a RuntimeError
-        if not is_allocation_failure(e):
-            raise
+    except Exception as e:
+        if _interrupted:
+            return _stop(_fail("interrupted; no output file was left half-written.", EXIT_INTERRUPTED))
+        if not isinstance(e, (MemoryError, RuntimeError, OSError)) or not is_allocation_failure(e):
+            raise  # torch's OutOfMemoryError is a RuntimeError
         return _fail("ran out of memory; use a smaller image, fewer --mask-samples or --dtype bf16.", EXIT_USER_ERROR)
     finally:
         warnings.showwarning = old_show

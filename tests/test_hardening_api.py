@@ -412,3 +412,29 @@ def test_too_long_paths_are_one_line(which, phrase, tmp_path, capsys, monkeypatc
     code, _, err = run_cli([*argv, "--source", "a", "--target", "b", *FAST], capsys)
     assert code == 2 and len(err) == 1 and phrase in err[0], err
     assert snapshot(tmp_path) == before
+
+
+def test_a_failure_after_ctrl_c_ends_as_the_interrupt(monkeypatch, capsys):
+    """Ctrl-C during numpy's import becomes an ImportError that torch swallows; the next import of
+    numpy then fails with another ImportError. After a Ctrl-C any failure is exit 130, one line;
+    without one, the same failure is not hidden."""
+    import types
+    from diffedit import cli
+
+    def run(args, interrupt=True):
+        if interrupt:
+            try:
+                cli._raise_interrupted(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass  # swallowed by a library
+        raise ImportError("cannot load module more than once per process")
+
+    monkeypatch.setattr(cli, "_interrupted", False)
+    monkeypatch.setattr(cli, "build_parser", lambda command: types.SimpleNamespace(
+        parse_args=lambda argv: types.SimpleNamespace(run=lambda args: run(args, interrupt=False))))
+    with pytest.raises(ImportError):
+        cli.main(["mask"])
+    monkeypatch.setattr(cli, "build_parser", lambda command: types.SimpleNamespace(
+        parse_args=lambda argv: types.SimpleNamespace(run=run)))
+    assert cli.main(["mask"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["diffedit: error: interrupted; no output file was left half-written."]
