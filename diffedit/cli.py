@@ -329,6 +329,7 @@ def _raise_terminated(signum, frame):
 
 
 _interrupted = False  # set by Ctrl-C: whatever fails after it failed because of it
+INTERRUPTED = "interrupted; no output file was left half-written."
 
 
 def _raise_interrupted(signum, frame):
@@ -342,6 +343,8 @@ def _raise_interrupted(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
+    global _interrupted
+    _interrupted = False  # a Ctrl-C of an earlier call in this process is not this call's
     old_show, old_term = warnings.showwarning, signal.getsignal(signal.SIGTERM)
     old_int = signal.getsignal(signal.SIGINT)
     warnings.showwarning = _show_warning
@@ -360,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     except DiffEditError as e:
         return _fail(str(e), EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        return _stop(_fail("interrupted; no output file was left half-written.", EXIT_INTERRUPTED))
+        return _stop(_fail(INTERRUPTED, EXIT_INTERRUPTED))
     except Terminated:
         return _stop(_fail("terminated; no output file was left half-written.", EXIT_TERMINATED))
     except Exception as e:
         if _interrupted:
-            return _stop(_fail("interrupted; no output file was left half-written.", EXIT_INTERRUPTED))
+            return _stop(_fail(INTERRUPTED, EXIT_INTERRUPTED))
         if not isinstance(e, (MemoryError, RuntimeError, OSError)) or not is_allocation_failure(e):
             raise  # torch's OutOfMemoryError is a RuntimeError
         return _fail("ran out of memory; use a smaller image, fewer --mask-samples or --dtype bf16.", EXIT_USER_ERROR)

@@ -82,8 +82,8 @@ class DiffEditPipeline:
                         linear_backend: str | None = None) -> "DiffEditPipeline":
         """Load a diffusers-layout folder, a single original-layout file or a hub id (None: the
         small model embedded in the repository). On the CPU the UNet's and VAE's 3x3 convolutions
-        (in bf16 the 1x1 ones too) keep their weights in oneDNN's layout (models/packed_conv.py: same results up to rounding,
-        faster; figures in the README); pack_convolutions=False keeps plain `nn.Conv2d`s. The
+        (in bf16 the 1x1 ones too) keep their weights in oneDNN's layout (models/packed_conv.py:
+        same results up to rounding, faster; figures in the README); pack_convolutions=False keeps plain `nn.Conv2d`s. The
         linear layers of all three models run on `linear_backend` ("auto", "torch", "onednn";
         None: the DIFFEDIT_CPU_LINEAR variable, else "auto"; models/packed_linear.py)."""
         device = parse_device(device)

@@ -438,3 +438,7 @@ def test_a_failure_after_ctrl_c_ends_as_the_interrupt(monkeypatch, capsys):
         parse_args=lambda argv: types.SimpleNamespace(run=run)))
     assert cli.main(["mask"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["diffedit: error: interrupted; no output file was left half-written."]
+    monkeypatch.setattr(cli, "build_parser", lambda command: types.SimpleNamespace(
+        parse_args=lambda argv: types.SimpleNamespace(run=lambda args: run(args, interrupt=False))))
+    with pytest.raises(ImportError):  # the next call in this process starts without the old Ctrl-C
+        cli.main(["mask"])
