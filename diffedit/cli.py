@@ -11,7 +11,7 @@ killed leaves either no output or a complete one. The input is never overwritten
 output only with --overwrite.
 
 Errors of the project's own family (diffedit.errors) and of the command line itself print one
-line on stderr and exit with status 2; Ctrl-C exits with 130, SIGTERM with 143.
+line on stderr and exit with status 2; Ctrl-C exits with 130, SIGTERM with 143 (diffedit/exits.py).
 
 Subcommands come from the COMMANDS table: name -> Command(help, add_arguments, run). A new one is
 one entry: a function that adds its arguments to an argparse parser, and one that takes the
@@ -23,29 +23,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffedit import is_command_line
+from diffedit import exits
 from diffedit.errors import DiffEditError, OutputFileError
-from diffedit.io.progress import is_terminal
 from diffedit.settings import add_argument
 
-PROG = "diffedit"
 PANEL_MIN_SIDE = 256   # the panel shows small images (the embedded model's 64 px) enlarged, nearest neighbour
-EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
 
 class UsageError(DiffEditError):
     """A command-line argument that argparse refused."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised like Ctrl-C so that temporary files are removed on the way out."""
 
 
 # ---------------------------------------------------------------------- shared arguments
@@ -305,7 +297,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser(selected: str | None = None) -> ArgumentParser:
     """The parser; only the `selected` command's arguments are added (the others are not needed
     to parse, and adding them would import their modules)."""
-    parser = ArgumentParser(prog=PROG, description="DiffEdit (Couairon et al., ICLR 2023) on Stable Diffusion weights.")
+    parser = ArgumentParser(prog=exits.PROG, description="DiffEdit (Couairon et al., ICLR 2023) on Stable Diffusion weights.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.help)
@@ -315,99 +307,20 @@ def build_parser(selected: str | None = None) -> ArgumentParser:
     return parser
 
 
-def one_line(message: str) -> str:
-    return " ".join(message.splitlines()).strip() or "unknown error"
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    erase = "\r\x1b[K" if is_terminal(sys.stderr) else ""  # a progress bar may be on this line
-    print(f"{erase}{PROG}: warning: {one_line(str(message))}", file=sys.stderr, flush=True)
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-_interrupted = False  # set by Ctrl-C: whatever fails after it failed because of it
-INTERRUPTED = "interrupted; no output file was left half-written."
-
-
-def _raise_interrupted(signum, frame):
-    """Ctrl-C: KeyboardInterrupt, remembered. A library may turn it into another error (numpy's
-    import, interrupted, becomes an ImportError that torch swallows, and the next import of numpy
-    fails): after a Ctrl-C every failure ends as the interrupt, exit 130 and one line."""
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
-    global _interrupted
-    _interrupted = False  # a Ctrl-C of an earlier call in this process is not this call's
-    old_show, old_term = warnings.showwarning, signal.getsignal(signal.SIGTERM)
-    old_int = signal.getsignal(signal.SIGINT)
-    warnings.showwarning = _show_warning
-    try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-        if old_int is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
-            signal.signal(signal.SIGINT, _raise_interrupted)  # KeyboardInterrupt from here on
-    except ValueError:  # not the main thread: leave the signals alone
-        old_term = None
-    try:
-        argv = sys.argv[1:] if argv is None else argv
-        args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")  # each warning once per place it is raised
-            return int(args.run(args) or 0)
-    except DiffEditError as e:
-        return _fail(str(e), EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        return _stop(_fail(INTERRUPTED, EXIT_INTERRUPTED))
-    except Terminated:
-        return _stop(_fail("terminated; no output file was left half-written.", EXIT_TERMINATED))
-    except Exception as e:
-        if _interrupted:
-            return _stop(_fail(INTERRUPTED, EXIT_INTERRUPTED))
-        if not isinstance(e, (MemoryError, RuntimeError, OSError)) or not is_allocation_failure(e):
-            raise  # torch's OutOfMemoryError is a RuntimeError
-        return _fail("ran out of memory; use a smaller image, fewer --mask-samples or --dtype bf16.", EXIT_USER_ERROR)
-    finally:
-        warnings.showwarning = old_show
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-            signal.signal(signal.SIGINT, old_int)
-
-
-_ALLOCATION = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate",
-               "not enough memory", "allocation failed", "bad_alloc", "std::bad_alloc")
-
-
-def is_allocation_failure(e: BaseException) -> bool:
-    """A failed allocation, whatever the allocator calls it (MemoryError, torch's "out of memory",
-    "DefaultCPUAllocator: can't allocate memory", an ENOMEM from the system)."""
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return True
-    if isinstance(e, OSError):
-        import errno
-        return e.errno == errno.ENOMEM
-    return any(phrase in str(e).lower() for phrase in _ALLOCATION)
-
-
-def _stop(status: int) -> int:
-    """The command line ends an interrupted run at once with its status: an interrupt that landed
-    inside a C extension's own Python call would otherwise make the interpreter re-raise SIGINT
-    at exit (status -2 instead of 130). A program calling main() gets the status back."""
-    if is_command_line():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status
-
-
-def _fail(message: str, status: int) -> int:
-    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
-    return status
+    with exits.handled_signals():
+        try:
+            argv = sys.argv[1:] if argv is None else argv
+            args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")  # each warning once per place it is raised
+                return int(args.run(args) or 0)
+        except BaseException as e:  # noqa: B036 - every ending is decided in exits.status_of
+            status = exits.status_of(e)
+            if status is None:
+                raise  # a bug (or argparse's --help): shown as it is
+            return status
 
 
 if __name__ == "__main__":

@@ -419,17 +419,17 @@ def test_a_failure_after_ctrl_c_ends_as_the_interrupt(monkeypatch, capsys):
     numpy then fails with another ImportError. After a Ctrl-C any failure is exit 130, one line;
     without one, the same failure is not hidden."""
     import types
-    from diffedit import cli
+    from diffedit import cli, exits
 
     def run(args, interrupt=True):
         if interrupt:
             try:
-                cli._raise_interrupted(signal.SIGINT, None)
+                exits._raise_interrupted(signal.SIGINT, None)
             except KeyboardInterrupt:
                 pass  # swallowed by a library
         raise ImportError("cannot load module more than once per process")
 
-    monkeypatch.setattr(cli, "_interrupted", False)
+    monkeypatch.setattr(exits, "_interrupted", False)
     monkeypatch.setattr(cli, "build_parser", lambda command: types.SimpleNamespace(
         parse_args=lambda argv: types.SimpleNamespace(run=lambda args: run(args, interrupt=False))))
     with pytest.raises(ImportError):
