@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from diffedit.devices import cpu_name  # noqa: F401 - the other benchmarks import it from here
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -83,29 +85,6 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------- inputs
-
-AMD_FAMILIES = {23: "Zen 1/2", 25: "Zen 3/4", 26: "Zen 5"}  # /proc/cpuinfo "cpu family" of AMD's cores
-AMD_ZEN4_MODELS = range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0)  # family 25 models that are Zen 4
-
-
-def cpu_name() -> str:
-    """The CPU's model name, family / model (a virtual machine often hides the product name:
-    "AMD EPYC" alone is Zen 2 to Zen 5) and the vector features that decide its speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability()
-    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.split("\n\n")[0].splitlines())}
-    model, flags = field.get("model name", "?"), set(field.get("flags", "").split())
-    family, number = int(field.get("cpu family", -1)), int(field.get("model", -1))
-    core = ""
-    if field.get("vendor_id") == "AuthenticAMD" and family in AMD_FAMILIES:
-        core = AMD_FAMILIES[family] if family != 25 else ("Zen 4" if any(number in r for r in AMD_ZEN4_MODELS) else "Zen 3")
-        core = f", {core}"
-    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (f"{model} (family {family} model {number}{core}; {os.cpu_count()} CPUs; "
-            f"{', '.join(features) or 'no AVX2'})")
-
 
 def ensure_model(arch: str, folder: Path) -> Path:
     """The random-weight reference model in diffusers layout, built once (in a child process, so

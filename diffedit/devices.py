@@ -10,12 +10,17 @@ DIFFEDIT_MASK_KERNEL), else "auto":
   otherwise (on CPU tensors it never imports Triton);
 - "triton" takes the kernel or raises ParameterError saying why it cannot serve the tensors
   (CPU tensors are served only under Triton's interpreter, TRITON_INTERPRET=1, for the tests).
+
+`cpu_name()` names the CPU (model, family/model number, vector features) wherever a figure or a
+set of weights depends on it: the benchmarks' output and the embedded model's card.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -128,3 +133,28 @@ def _import_kernel(kind: str) -> ModuleType:
     else:
         from diffedit.kernels import mask_reduction as kernel
     return kernel
+
+
+# ---------------------------------------------------------------------- naming the CPU
+
+AMD_FAMILIES = {23: "Zen 1/2", 25: "Zen 3/4", 26: "Zen 5"}  # /proc/cpuinfo "cpu family" of AMD's cores
+AMD_ZEN4_MODELS = range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0)  # family 25 models that are Zen 4
+
+
+def cpu_name() -> str:
+    """The CPU's model name, family / model (a virtual machine often hides the product name:
+    "AMD EPYC" alone is Zen 2 to Zen 5) and the vector features that decide its speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return f"{platform.processor() or platform.machine()} (torch capability {torch.backends.cpu.get_cpu_capability()})"
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.split("\n\n")[0].splitlines())}
+    model, flags = field.get("model name", "?"), set(field.get("flags", "").split())
+    family, number = int(field.get("cpu family", -1)), int(field.get("model", -1))
+    core = ""
+    if field.get("vendor_id") == "AuthenticAMD" and family in AMD_FAMILIES:
+        core = AMD_FAMILIES[family] if family != 25 else ("Zen 4" if any(number in r for r in AMD_ZEN4_MODELS) else "Zen 3")
+        core = f", {core}"
+    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{model} (family {family} model {number}{core}; {os.cpu_count()} CPUs; "
+            f"{', '.join(features) or 'no AVX2'})")

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from diffedit.devices import cpu_name
 from diffedit.shapes import world
-
-
-def cpu_description() -> str:
-    """The CPU's model name and vector extensions: what the weights' last bits depend on."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
-    name = fields.get("model name\t", fields.get("model name", "an unknown CPU")).strip()
-    flags = fields.get("flags\t\t", fields.get("flags", "")).split()
-    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(extensions) or 'no AVX2'})"
 
 
 def model_card(tc, n_params: int, minutes: float) -> str:
@@ -40,7 +29,7 @@ classes and with diffusers' (`StableDiffusionPipeline.from_pretrained`).
   {tc.unet_lr:g} (warm-up {tc.warmup}, cosine to 10 %), caption dropped {tc.uncond_prob:.0%} of the time
   (for classifier-free guidance), EMA {tc.ema_decay} (what is saved).
 - Seed {tc.seed}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {minutes:.0f} minutes on
-  {cpu_description()}.
+  {cpu_name()}.
   The same command, seed, software, CPU kind and thread count give the same weights bit for bit
   (other CPU kinds or thread counts give slightly different weights). A checkpoint is saved every
   {tc.checkpoint_every} steps; `--resume` continues an interrupted run to the same weights.
