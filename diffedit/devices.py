@@ -141,11 +141,12 @@ AMD_FAMILIES = {23: "Zen 1/2", 25: "Zen 3/4", 26: "Zen 5"}  # /proc/cpuinfo "cpu
 AMD_ZEN4_MODELS = range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0)  # family 25 models that are Zen 4
 
 
-def cpu_name() -> str:
+def cpu_name(info: str | None = None) -> str:
     """The CPU's model name, family / model (a virtual machine often hides the product name:
-    "AMD EPYC" alone is Zen 2 to Zen 5) and the vector features that decide its speed."""
+    "AMD EPYC" alone is Zen 2 to Zen 5) and the vector features that decide its speed, read from
+    `info` (the text of /proc/cpuinfo; by default this machine's)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text() if info is None else info
     except OSError:  # not Linux
         return f"{platform.processor() or platform.machine()} (torch capability {torch.backends.cpu.get_cpu_capability()})"
     field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.split("\n\n")[0].splitlines())}
