@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from diffedit.devices import cpu_name  # noqa: F401 - the other benchmarks import it from here
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from diffedit.devices import cpu_name  # noqa: E402, F401 - the other benchmarks import it from here
 
 SOURCE, TARGET = "a bowl of fruit on a wooden table", "a bowl of pears on a wooden table"
 RUNS = ("diffedit-fp32", "diffusers-fp32", "diffedit-bf16")

@@ -83,9 +83,10 @@ class DiffEditPipeline:
         """Load a diffusers-layout folder, a single original-layout file or a hub id (None: the
         small model embedded in the repository). On the CPU the UNet's and VAE's 3x3 convolutions
         (in bf16 the 1x1 ones too) keep their weights in oneDNN's layout (models/packed_conv.py:
-        same results up to rounding, faster; figures in the README); pack_convolutions=False keeps plain `nn.Conv2d`s. The
-        linear layers of all three models run on `linear_backend` ("auto", "torch", "onednn";
-        None: the DIFFEDIT_CPU_LINEAR variable, else "auto"; models/packed_linear.py)."""
+        same results up to rounding, faster; figures in the README); pack_convolutions=False keeps
+        plain `nn.Conv2d`s. The linear layers of all three models run on `linear_backend` ("auto",
+        "torch", "onednn"; None: the DIFFEDIT_CPU_LINEAR variable, else "auto";
+        models/packed_linear.py)."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         linear = packed_linear.linear_backend(device, dtype, linear_backend)  # refuses before loading

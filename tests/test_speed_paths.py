@@ -6,7 +6,8 @@
   bf16 edit stays within a stated tolerance of the fp32 edit.
 - VAE slicing (one image at a time) equals the batched VAE up to float rounding; tiling
   (overlapping tiles, cross-faded) reproduces a pointwise map exactly and the VAE approximately.
-- The benchmark and profiling scripts run end to end in their --quick mode.
+- The benchmark and profiling scripts run end to end in their --quick mode; `cpu_name`, which
+  names the CPU in their output, tells apart the kinds that a model name hides.
 """
 
 from __future__ import annotations
@@ -268,3 +269,30 @@ def test_benchmark_scripts_refuse_bad_counts_in_one_line(script, args, tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "must be at least 1" in out.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "model").exists()  # refused before building anything
+
+
+ZEN4_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse2 avx2 avx512f avx512_bf16
+
+processor\t: 1
+"""
+XEON_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 167
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16
+"""
+
+
+def test_cpu_name_tells_the_cpu_kind_that_a_model_name_hides():
+    from diffedit.devices import cpu_name
+    assert "family 25 model 17, Zen 4" in cpu_name(ZEN4_CPUINFO) and "avx2, avx512f, avx512_bf16)" in cpu_name(ZEN4_CPUINFO)
+    assert cpu_name(XEON_CPUINFO).startswith("Intel(R) Xeon(R) Processor (family 6 model 167;")
+    assert cpu_name(XEON_CPUINFO).endswith("avx2, avx512f, avx512_bf16, amx_bf16)")
+    assert cpu_name("model name\t: some CPU\n").endswith("no AVX2)")
+
