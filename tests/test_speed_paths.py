@@ -295,4 +295,3 @@ def test_cpu_name_tells_the_cpu_kind_that_a_model_name_hides():
     assert cpu_name(XEON_CPUINFO).startswith("Intel(R) Xeon(R) Processor (family 6 model 167;")
     assert cpu_name(XEON_CPUINFO).endswith("avx2, avx512f, avx512_bf16, amx_bf16)")
     assert cpu_name("model name\t: some CPU\n").endswith("no AVX2)")
-
