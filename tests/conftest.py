@@ -32,3 +32,14 @@ def tiny_model_folder(tmp_path_factory) -> Path:
     if not (folder / "model_index.json").is_file():
         build_reference("tiny", folder, seed=0)
     return folder
+
+
+@pytest.fixture
+def fresh_image_warnings():
+    """The image tests start as a fresh process would: diffedit.io.images' once-per-process
+    warnings not yet given."""
+    from diffedit.io import images
+
+    images._warned.clear()
+    yield
+    images._warned.clear()

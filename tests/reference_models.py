@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
 import shutil
+import struct
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,10 +177,19 @@ def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file under folder: (size, mtime_ns, sha256), to prove what did or did not change."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every entry under folder, to prove what did or did not change: a file as (size, mtime_ns,
+    sha256), a symbolic link as ("link", target), anything else (a folder, a fifo) as ("other", mode)."""
+    state: dict[str, tuple] = {}
+    for p in sorted(folder.rglob("*")):
+        name = str(p.relative_to(folder))
+        if p.is_symlink():
+            state[name] = ("link", os.readlink(p))
+        elif p.is_file():
+            state[name] = (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            state[name] = ("other", p.stat().st_mode)
+    return state
 
 
 def run_cli(argv: list, capsys) -> tuple[int, str, list[str]]:
@@ -244,3 +256,31 @@ def assert_same_table(rows: list[dict], reference: list[dict], tolerance: float 
                 assert math.isclose(row[name], value, rel_tol=tolerance, abs_tol=tolerance), name
             else:
                 assert row[name] == value, name
+
+
+# ---------------------------------------------------------------------- image-file test helpers
+# Shared by test_image_input.py and test_image_refusals.py: files made byte by byte.
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    """The bytes of image saved in format fmt."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def raw_png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes | None = None) -> bytes:
+    """A PNG written by hand (Pillow cannot write 16-bit RGB, nor lie about its size)."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    idat = zlib.compress(rows if rows is not None else b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def write(tmp: Path, name: str, data: bytes) -> Path:
+    """data as the file tmp/name (its path)."""
+    p = tmp / name
+    p.write_bytes(data)
+    return p
