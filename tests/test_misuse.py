@@ -361,11 +361,10 @@ def materialise(argv: list, folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_misuse(case: Case, tmp_path, tiny_model_folder, capsys, monkeypatch):
+def test_misuse(case: Case, tmp_path, tiny_model_folder, capsys, monkeypatch, fresh_image_warnings):
     argv = ["edit", *materialise(case.make(tmp_path, tiny_model_folder), tmp_path)]
     if case.patch is not None:
         case.patch(monkeypatch, tmp_path)
-    image_io._warned.clear()  # "said once per process": once per case here
     before = snapshot(tmp_path)
     code, out, err = run_cli(argv, capsys)
     monkeypatch.undo()
@@ -400,9 +399,8 @@ def test_every_table_case_names_its_exception_class():
     assert all(issubclass(getattr(errors, name), errors.DiffEditError) for name in names)
 
 
-def test_alpha_is_said_once_per_process(tmp_path, tiny_model_folder, capsys):
+def test_alpha_is_said_once_per_process(tmp_path, tiny_model_folder, capsys, fresh_image_warnings):
     save(rgba(), tmp_path / "in.png")
-    image_io._warned.clear()
     lines = []
     for out in ("a.png", "b.png"):
         code, _, err = run_cli(["edit", tmp_path / "in.png", "--source", "a cat", "--target", "a dog", "--model",
