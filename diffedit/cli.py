@@ -22,6 +22,7 @@ imported only when they run).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
@@ -307,15 +308,24 @@ def build_parser(selected: str | None = None) -> ArgumentParser:
     return parser
 
 
+COMPILED_LIBRARIES = ("torch", "numpy", "PIL.Image", "safetensors", "tokenizers")  # imported first, see main
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     with exits.handled_signals():
         try:
             argv = sys.argv[1:] if argv is None else argv
             args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
+            with exits.signals_end_at_once():
+                for library in COMPILED_LIBRARIES:
+                    importlib.import_module(library)
             with warnings.catch_warnings():
                 warnings.simplefilter("default")  # each warning once per place it is raised
-                return int(args.run(args) or 0)
+                status = int(args.run(args) or 0)
+            if exits.was_interrupted():  # a library swallowed the KeyboardInterrupt of a Ctrl-C
+                raise KeyboardInterrupt
+            return status
         except BaseException as e:  # noqa: B036 - every ending is decided in exits.status_of
             status = exits.status_of(e)
             if status is None:

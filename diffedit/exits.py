@@ -8,7 +8,9 @@
     (traceback)     anything else: a bug, shown in full
 
 `handled_signals()` is the frame of one command: warnings become one line, SIGTERM is raised like
-Ctrl-C (so temporary files are removed on the way out) and a Ctrl-C is remembered. `status_of(e)`
+Ctrl-C (so temporary files are removed on the way out) and a Ctrl-C is remembered. Inside it,
+`signals_end_at_once()` frames the import of the compiled libraries (torch above all): there a
+signal ends the command line at once, as during the package's own start-up. `status_of(e)`
 turns a failure into its status after printing its line; None means "not ours, let it raise".
 """
 
@@ -82,6 +84,37 @@ def handled_signals() -> Iterator[None]:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
             signal.signal(signal.SIGINT, old_int)
+
+
+@contextmanager
+def signals_end_at_once() -> Iterator[None]:
+    """Ctrl-C or SIGTERM ends the command line at once, with one line and its usual status, while
+    this frame runs. For the import of torch: its C++ calls back into Python, and a KeyboardInterrupt
+    raised in such a callback can reach C++ where no exception may pass (the process aborts, status
+    -6), or be swallowed by an `except` of the library (the command then runs on as if nothing
+    happened). Nothing is written yet at that point, so ending at once loses nothing. A program
+    calling main() keeps the usual KeyboardInterrupt."""
+    if not is_command_line():
+        yield
+        return
+    from diffedit import _interrupted_while_starting
+    saved = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                saved[signum] = signal.signal(signum, _interrupted_while_starting)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def was_interrupted() -> bool:
+    """A Ctrl-C arrived during this command, even if a library swallowed its KeyboardInterrupt."""
+    return _interrupted
 
 
 def status_of(e: BaseException) -> int | None:

@@ -374,6 +374,60 @@ def test_signal_while_importing_is_one_line_and_the_usual_status(signame, status
     assert run.stderr.splitlines() == [f"diffedit: error: {word} while starting; nothing was written."]
 
 
+SIGNAL_IN_TORCH_IMPORT = r"""
+import builtins, os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal
+sys.argv = ["diffedit", "mask", *sys.argv[1:]]  # the command line, so its guards are on
+real, fired = builtins.__import__, []
+def imp(name, *args, **kwargs):
+    if name.startswith("torch.") and not fired:  # deep inside torch's import, as a late Ctrl-C lands
+        fired.append(name)
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *args, **kwargs)
+builtins.__import__ = imp
+from diffedit.cli import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_inside_the_import_of_torch_ends_at_once(tmp_path):
+    """torch's import runs Python called from C++: a KeyboardInterrupt raised there once aborted the
+    process (status -6, "terminate called after throwing pybind11::error_already_set"; CI, stop 26).
+    During that import a signal ends the command at once: 130 and one line, nothing written."""
+    image = tmp_path / "in.png"
+    noise_image(24, 16).save(image)
+    argv = [str(image), "--source", "a", "--target", "b", "--out", str(tmp_path / "m.png"), *FAST]
+    run = subprocess.run([sys.executable, "-c", SIGNAL_IN_TORCH_IMPORT, *argv], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 130, (run.returncode, run.stderr)
+    assert run.stderr.splitlines() == ["diffedit: error: interrupted while starting; nothing was written."]
+    assert sorted(os.listdir(tmp_path)) == ["in.png"]
+
+
+SWALLOWED_CTRL_C = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from diffedit import cli
+def run_swallowing(args):  # a library that catches the KeyboardInterrupt and carries on
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        pass
+    return 0
+import dataclasses
+cli.COMMANDS["mask"] = dataclasses.replace(cli.COMMANDS["mask"], run=run_swallowing)
+sys.exit(cli.main(["mask", "in.png", "--source", "a", "--target", "b"]))
+"""
+
+
+def test_a_swallowed_ctrl_c_still_ends_as_interrupted(tmp_path):
+    run = subprocess.run([sys.executable, "-c", SWALLOWED_CTRL_C], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 130, (run.returncode, run.stderr)
+    assert run.stderr.splitlines() == ["diffedit: error: interrupted; no output file was left half-written."]
+
+
 @pytest.mark.parametrize("delay", [0.08, 0.12, 0.2, 0.4, 0.7, 1.0])
 def test_ctrl_c_soon_after_start_is_exit_130_and_one_line(delay, tmp_path):
     """`python -m diffedit` interrupted at several moments of its start (imports, argument checks,
