@@ -284,3 +284,14 @@ def write(tmp: Path, name: str, data: bytes) -> Path:
     p = tmp / name
     p.write_bytes(data)
     return p
+
+
+def interpreted_kernel(name: str):
+    """diffedit.kernels.<name> built for Triton's interpreter, in a process started with
+    TRITON_INTERPRET=1 (test_kernels.py says why); None in any other process."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import importlib
+    kernel = importlib.import_module(f"diffedit.kernels.{name}")
+    assert kernel.INTERPRETED, f"diffedit.kernels.{name} was built before TRITON_INTERPRET=1 was set"
+    return kernel

@@ -9,19 +9,14 @@ named `interpreted_test_*` and run in a child process), or directly:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from diffedit.errors import ParameterError
 from diffedit.models import attention as attention_module
+from reference_models import interpreted_kernel
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRETER:  # kernels built for the interpreter: only in a process started with it
-    from diffedit.kernels import attention as kernel_attention
-
-    assert kernel_attention.INTERPRETED
+kernel_attention = interpreted_kernel("attention")  # None outside the interpreter's process
 
 
 # attention: |out - ref| <= atol + rtol * |ref|, ref computed in fp32 from the same (rounded) inputs.

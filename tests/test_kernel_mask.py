@@ -9,19 +9,14 @@ named `interpreted_test_*` and run in a child process), or directly:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from diffedit.errors import ParameterError
 from diffedit.mask_maps import MaskMaps, mask_maps_torch
+from reference_models import interpreted_kernel
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRETER:  # kernels built for the interpreter: only in a process started with it
-    from diffedit.kernels import mask_reduction as kernel_mask
-
-    assert kernel_mask.INTERPRETED
+kernel_mask = interpreted_kernel("mask_reduction")  # None outside the interpreter's process
 
 
 def eps_pair(shape, dtype, seed=0):

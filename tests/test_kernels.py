@@ -32,18 +32,15 @@ import torch
 from diffedit.models import attention as attention_module
 from diffedit.errors import ParameterError
 from diffedit.mask_maps import mask_maps, mask_maps_torch
+from reference_models import interpreted_kernel
 from test_kernel_attention import qkv
 from test_kernel_mask import assert_maps_agree, eps_pair
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_TEST_FILES = [str(Path(__file__).with_name(name)) for name in
                      ("test_kernel_attention.py", "test_kernel_mask.py", "test_kernels.py")]
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRETER:  # the child process (or a direct run as above): kernels built for the interpreter
-    from diffedit.kernels import attention as kernel_attention
-    from diffedit.kernels import mask_reduction as kernel_mask
-
-    assert kernel_attention.INTERPRETED and kernel_mask.INTERPRETED
+kernel_attention = interpreted_kernel("attention")  # None outside the interpreter's process
+kernel_mask = interpreted_kernel("mask_reduction")
 
 
 @pytest.mark.interpreter
