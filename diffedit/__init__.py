@@ -27,13 +27,21 @@ def _interrupted_while_starting(signum, frame) -> None:
     _os._exit(status)
 
 
-if is_command_line():  # the first code of the package to run: guard the imports that follow
+def _guard_start_up() -> dict:
+    """Ctrl-C and SIGTERM (unless ignored, as in a background job) end the process at once through
+    _interrupted_while_starting; returns the handlers it replaced, for whoever puts them back."""
+    replaced = {}
     try:
-        for _signum in (_signal.SIGINT, _signal.SIGTERM):
-            if _signal.getsignal(_signum) is not _signal.SIG_IGN:
-                _signal.signal(_signum, _interrupted_while_starting)
+        for signum in (_signal.SIGINT, _signal.SIGTERM):
+            if _signal.getsignal(signum) is not _signal.SIG_IGN:
+                replaced[signum] = _signal.signal(signum, _interrupted_while_starting)
     except ValueError:  # not the main thread
         pass
+    return replaced
+
+
+if is_command_line():  # the first code of the package to run: guard the imports that follow
+    _guard_start_up()
 
 _EXPORTS = {
     "DiffEditPipeline": "pipeline",

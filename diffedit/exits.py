@@ -97,18 +97,12 @@ def signals_end_at_once() -> Iterator[None]:
     if not is_command_line():
         yield
         return
-    from diffedit import _interrupted_while_starting
-    saved = {}
-    try:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                saved[signum] = signal.signal(signum, _interrupted_while_starting)
-    except ValueError:  # not the main thread
-        pass
+    from diffedit import _guard_start_up
+    replaced = _guard_start_up()
     try:
         yield
     finally:
-        for signum, handler in saved.items():
+        for signum, handler in replaced.items():
             signal.signal(signum, handler)
 
 
