@@ -17,6 +17,8 @@ Every variant takes q, k, v as the UNet hands them over, (B, N, heads * d), and 
                   AVX-512 where torch's BLAS (MKL) does not (packed_linear.py)
 - sdpa-bf16       SDPA on bf16 inputs (what the bf16 pipeline runs)
 - blocks-bf16     query blocks of 256 rows on bf16 inputs: bf16 matmuls (oneDNN), softmax in fp32
+- kernel-bf16     diffedit's fused C kernel (kernels/cpu_attention.c) on bf16 inputs: what the bf16
+                  pipeline runs on CPUs with AVX512-BF16 (elsewhere its portable path: slow)
 
 Each is warmed up once, then timed `repeats` times in rotating order; the table gives medians,
 effective GFLOP/s (4 B h Nq Nk d per call) and the max abs error against fp32 SDPA.
@@ -111,6 +113,11 @@ def blocks_bf16(q, k, v, heads, block=256):
     return rearrange(out, "(b h) n d -> b n (h d)", h=heads).float()
 
 
+def kernel_bf16(q, k, v, heads):
+    from diffedit.kernels import cpu_attention
+    return cpu_attention.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads).float()
+
+
 VARIANTS = {
     "sdpa": sdpa,
     "sdpa-contig": sdpa_contig,
@@ -120,6 +127,7 @@ VARIANTS = {
     "onednn-heads": onednn_heads,
     "sdpa-bf16": sdpa_bf16,
     "blocks-bf16": blocks_bf16,
+    "kernel-bf16": kernel_bf16,
 }
 
 

@@ -74,6 +74,7 @@ class RunResult:
     peak_rss_gb: float = 0.0
     load_average: float = 0.0                       # 1-minute load average at the end of the run
     linear_backend: str = "torch"                   # what ran the linear layers (diffedit: packed_linear)
+    attention_backend: str = "torch"                # what ran the UNet's attention (diffedit: models/attention.py)
 
     @property
     def total(self) -> float:
@@ -169,6 +170,8 @@ def child_diffedit(model: Path, image: Path, dtype: str, w: Workload, out: Path)
     result.load = time.perf_counter() - start
     from diffedit.models.packed_linear import backend_of
     result.linear_backend = backend_of(pipe.unet)
+    from diffedit.models.attention import backend_name
+    result.attention_backend = backend_name(pipe.dtype)
     unet, enc, dec = Meter(pipe.unet, "forward"), Meter(pipe.vae, "encode"), Meter(pipe.vae, "decode")
     text = Meter(pipe.text_encoder, "forward")
     picture = Image.open(image).convert("RGB")
@@ -293,6 +296,8 @@ def print_report(results: dict[str, RunResult], work: Path, w: Workload) -> dict
           f"{'yes' if cpu_has_fast_bf16() else 'NO (bf16 is emulated and slower than fp32 here)'}")
     print("linear layers: " + ", ".join(f"{r.name} {r.linear_backend}" for r in results.values()) +
           f" (DIFFEDIT_CPU_LINEAR={os.environ.get('DIFFEDIT_CPU_LINEAR', 'auto')})")
+    print("attention: " + ", ".join(f"{r.name} {r.attention_backend}" for r in results.values()) +
+          f" (DIFFEDIT_ATTENTION={os.environ.get('DIFFEDIT_ATTENTION', 'auto')})")
     print("| run | load s | mask s | inversion s | decode s | edit total s | in UNet s | VAE s | text s | "
           "UNet samples | VAE enc/dec | peak RSS GB | edit CPU s | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

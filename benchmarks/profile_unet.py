@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_pipeline import cpu_name, ensure_model, model_folder  # noqa: E402
 
 from diffedit.models.packed_conv import PackedConv2d  # noqa: E402
+from diffedit.models.attention import backend_name  # noqa: E402
 from diffedit.models.packed_linear import PackedLinear, backend_of  # noqa: E402
 from diffedit.pipeline import DiffEditPipeline  # noqa: E402
 from diffedit.models.unet import Attention  # noqa: E402
@@ -50,7 +51,7 @@ from diffedit.models.vae import SelfAttention  # noqa: E402
 KINDS = {  # profiler op name -> kind (anything else: "rest")
     "mkldnn::_convolution_pointwise": "conv 3x3", "aten::mkldnn_convolution": "conv 1x1",
     "aten::addmm": "linear", "aten::mm": "linear", "mkldnn::_linear_pointwise": "linear", "aten::bmm": "attention",
-    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "diffedit::cpu_attention": "attention",
     "aten::native_group_norm": "norm", "aten::native_layer_norm": "norm",
     "aten::silu": "element-wise", "aten::gelu": "element-wise", "aten::add": "element-wise",
     "aten::mul": "element-wise", "aten::copy_": "element-wise", "aten::cat": "element-wise",
@@ -61,6 +62,7 @@ BACKENDS = {  # profiler op name -> the library that ran it
     "aten::addmm": "torch matmul", "aten::mm": "torch matmul", "aten::bmm": "torch matmul",
     "mkldnn::_linear_pointwise": "oneDNN, prepacked",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "torch SDPA (flash, CPU)",
+    "diffedit::cpu_attention": "diffedit's fused C kernel",
 }
 
 
@@ -205,7 +207,7 @@ def main() -> None:
     print(f"theoretical FMA peak: {theory[0]:.1f} GFLOP/s ({theory[1]})" if theory else
           "theoretical FMA peak: unknown (no clock or vector width in /proc/cpuinfo)")
     print(f"CPU: {cpu_name()}, torch capability {torch.backends.cpu.get_cpu_capability()}; "
-          f"linear layers: {backend_of(pipe.unet)}; torch matmul = "
+          f"linear layers: {backend_of(pipe.unet)}; attention: {backend_name(pipe.dtype)}; torch matmul = "
           + ("its BLAS (MKL on x86)" if pipe.dtype == torch.float32 else "oneDNN, reordering the weight per call"))
     latents = torch.randn(args.batch, pipe.config.unet.in_channels, side, side).to(pipe.dtype)
     if pipe.dtype == torch.bfloat16:

@@ -11,6 +11,10 @@ DIFFEDIT_MASK_KERNEL), else "auto":
 - "triton" takes the kernel or raises ParameterError saying why it cannot serve the tensors
   (CPU tensors are served only under Triton's interpreter, TRITON_INTERPRET=1, for the tests).
 
+Attention has a CPU kernel too (`diffedit.kernels.cpu_attention`, C built on first use): "auto" takes
+it for bf16 inference on CPUs where its AVX512-BF16 path builds (a rule from the CPU's features,
+the same on every run), and "cpu" takes it or raises, as "triton" does.
+
 `cpu_name()` names the CPU (model, family/model number, vector features) wherever a figure or a
 set of weights depends on it: the benchmarks' output and the embedded model's card.
 """
@@ -84,32 +88,38 @@ def cpu_has_fast_bf16() -> bool:
         return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
 
-KERNEL_BACKENDS = ("auto", "torch", "triton")
-# kind -> (its environment variable, where else a caller chooses its backend)
-KERNEL_SWITCHES = {"attention": ("DIFFEDIT_ATTENTION", "set_attention_backend"),
-                   "mask": ("DIFFEDIT_MASK_KERNEL", "the backend argument")}
+# kind -> (its environment variable, where else a caller chooses its backend, its backends)
+KERNEL_SWITCHES = {"attention": ("DIFFEDIT_ATTENTION", "set_attention_backend", ("auto", "torch", "triton", "cpu")),
+                   "mask": ("DIFFEDIT_MASK_KERNEL", "the backend argument", ("auto", "torch", "triton"))}
 
 
 def kernel_backend(kind: str, requested: str | None = None) -> str:
-    """"auto", "torch" or "triton" for `kind`: `requested` if given, else the kind's environment
-    variable, else "auto"."""
-    variable, _ = KERNEL_SWITCHES[kind]
+    """One of the kind's backends ("auto", "torch", "triton", and "cpu" for attention): `requested`
+    if given, else the kind's environment variable, else "auto"."""
+    variable, _, backends = KERNEL_SWITCHES[kind]
     if requested is not None:
         name = str(requested).strip().lower() or "auto"
-        if name not in KERNEL_BACKENDS:
-            raise ParameterError(f"unknown {kind} backend {requested!r}; use one of {', '.join(KERNEL_BACKENDS)}.")
+        if name not in backends:
+            raise ParameterError(f"unknown {kind} backend {requested!r}; use one of {', '.join(backends)}.")
         return name
     name = os.environ.get(variable, "auto").strip().lower() or "auto"
-    if name not in KERNEL_BACKENDS:
-        raise ParameterError(f"{variable}={name!r} is not a backend; use one of {', '.join(KERNEL_BACKENDS)}.")
+    if name not in backends:
+        raise ParameterError(f"{variable}={name!r} is not a backend; use one of {', '.join(backends)}.")
     return name
 
 
 def choose_kernel(kind: str, operands: tuple, requested: str | None = None) -> ModuleType | None:
-    """The Triton kernel module that is to serve `kind` ("attention" or "mask") on `operands` (the
+    """The kernel module that is to serve `kind` ("attention" or "mask") on `operands` (the
     arguments of the kernel's `check_inputs`, a tensor first), or None for the torch path."""
     backend = kernel_backend(kind, requested)
-    if backend == "torch" or (backend == "auto" and not operands[0].is_cuda):
+    if backend == "torch":
+        return None
+    if kind == "attention" and not operands[0].is_cuda and backend in ("auto", "cpu"):
+        return _cpu_attention_kernel(operands, forced=backend == "cpu")
+    if backend == "cpu":
+        raise ParameterError("the CPU attention kernel takes CPU tensors only; choose 'auto' or 'triton' with "
+                             "set_attention_backend or DIFFEDIT_ATTENTION for CUDA tensors.")
+    if backend == "auto" and not operands[0].is_cuda:
         return None
     try:
         kernel = _import_kernel(kind)
@@ -120,10 +130,28 @@ def choose_kernel(kind: str, operands: tuple, requested: str | None = None) -> M
     except (TypeError, ValueError) as error:  # the kernel's own one-sentence refusal
         problem = str(error).rstrip(".")
     if backend == "triton":
-        variable, switch = KERNEL_SWITCHES[kind]
+        variable, switch, _ = KERNEL_SWITCHES[kind]
         raise ParameterError(f"the Triton {kind} kernel cannot serve these tensors: {problem}; "
                              f"choose 'torch' or 'auto' with {switch} or {variable}.")
     return None
+
+
+def _cpu_attention_kernel(operands: tuple, forced: bool) -> ModuleType | None:
+    """diffedit.kernels.cpu_attention if it serves `operands`: under "auto" only where its AVX512-BF16
+    path builds (elsewhere bf16 is emulated and torch is the faster choice); `forced` ("cpu") raises."""
+    from diffedit.kernels import cpu_attention as kernel
+
+    try:
+        kernel.check_inputs(*operands)
+        if forced:
+            kernel.library()
+            return kernel
+        return kernel if kernel.fast() else None
+    except (TypeError, ValueError, RuntimeError) as error:
+        if not forced:
+            return None
+        raise ParameterError(f"the CPU attention kernel cannot serve these tensors: {str(error).rstrip('.')}; "
+                             f"choose 'torch' or 'auto' with set_attention_backend or DIFFEDIT_ATTENTION.") from None
 
 
 def _import_kernel(kind: str) -> ModuleType:

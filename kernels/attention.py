@@ -130,8 +130,9 @@ def available() -> bool:
     return INTERPRETED or torch.cuda.is_available()
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> None:
-    """Raise TypeError (types, dtypes) or ValueError (devices, shapes) unless the kernel can serve these tensors."""
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> None:
+    """Raise TypeError (types, dtypes) or ValueError (devices, shapes) unless the kernel can serve these
+    tensors (with or without `upcast`: it serves both)."""
     if not all(isinstance(x, torch.Tensor) for x in (q, k, v)) or not isinstance(heads, int):
         raise TypeError("q, k and v must be torch tensors and heads an int.")
     if not all(x.dim() == 3 for x in (q, k, v)):
