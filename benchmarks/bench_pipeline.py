@@ -43,7 +43,11 @@ sys.path.insert(0, str(REPO / "tests"))
 from diffedit.devices import cpu_name  # noqa: E402, F401 - the other benchmarks import it from here
 
 SOURCE, TARGET = "a bowl of fruit on a wooden table", "a bowl of pears on a wooden table"
-RUNS = ("diffedit-fp32", "diffusers-fp32", "diffedit-bf16")
+RUNS = ("diffedit-fp32", "diffusers-fp32", "diffedit-bf16", "diffedit-bf16-sdpa")
+DEFAULT_RUNS = RUNS[:3]
+# runs that differ from another only by an environment variable: bf16 with torch's attention instead
+# of the CPU kernel (what the kernel is worth, measured in the same alternation)
+RUN_ENVIRONMENT = {"diffedit-bf16-sdpa": {"DIFFEDIT_ATTENTION": "torch"}}
 
 
 @dataclass
@@ -249,6 +253,7 @@ def child_main(args) -> None:
         result = child_diffusers(Path(args.model), Path(args.image), w, out)
     else:
         result = child_diffedit(Path(args.model), Path(args.image), args.child.split("-")[1], w, out)
+    result.name = args.child
     result.load_average = os.getloadavg()[0]
     out.write_text(json.dumps(asdict(result)))
 
@@ -260,7 +265,7 @@ def run_child(name: str, model: Path, image: Path, w: Workload, work: Path, repe
     cmd = [sys.executable, __file__, "--child", name, "--model", str(model), "--image", str(image),
            "--workload", json.dumps(asdict(w)), "--out", str(out)]
     print(f"running {name} (repeat {repeat + 1}) ...", flush=True)
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env={**os.environ, **RUN_ENVIRONMENT.get(name, {})})
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -323,6 +328,11 @@ def print_report(results: dict[str, RunResult], work: Path, w: Workload) -> dict
             r.total / (r.unet_samples * r.bare_sample)
         # the same question without the bare timing's run-to-run noise: how much is spent outside the UNet
         summary[f"{r.name}: edit total / time inside the UNet"] = r.total / r.unet_seconds
+    sdpa = results.get("diffedit-bf16-sdpa")
+    if bf16 and sdpa:
+        summary["bf16: edit with torch's attention / with diffedit's attention"] = sdpa.total / bf16.total
+    if theirs and sdpa:
+        summary["speed bf16, torch's attention: diffusers fp32 / diffedit bf16"] = theirs.total / sdpa.total
     if fp32 and bf16:
         summary["bf16 vs fp32 edit: max |diff| (8-bit levels)"], summary["bf16 vs fp32 edit: mean |diff| (8-bit levels)"] = \
             pixel_difference(work, "diffedit-fp32", "diffedit-bf16")
@@ -341,8 +351,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny reference model, 32 px, 2 mask samples, 4 steps")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, alternating order")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
-                        help="which runs (default: all three; bf16 is slow on a CPU without native bf16)")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(DEFAULT_RUNS),
+                        help="which runs (default: the first three; bf16 is slow on a CPU without native bf16; "
+                             "diffedit-bf16-sdpa: bf16 with torch's attention)")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     for hidden in ("--model", "--image", "--workload", "--out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)

@@ -1,13 +1,17 @@
-"""Triton kernels of diffedit, imported as `diffedit.kernels` (Triton is an optional dependency).
+"""The kernels of diffedit, imported as `diffedit.kernels`: Triton for CUDA (Triton is an optional
+dependency) and one C kernel for the CPU (built on first use with the system's C compiler).
 
 - `attention`       fused attention forward (flash-attention style) for every attention of the UNet
 - `mask_reduction`  DiffEdit's mask: noise predictions -> difference map -> soft map -> mask
 - `bench_gpu`       benchmark against the torch paths (`python -m diffedit.kernels.bench_gpu`, CUDA only)
+- `cpu_attention`   fused bf16 attention for CPUs with AVX512-BF16 (`cpu_attention.c`; its wrapper
+                    builds, caches and loads it with ctypes)
 
 Each kernel file holds the algorithm and its memory traffic (docstring), the jitted kernel, a
 wrapper that checks its inputs (plain TypeError / ValueError) and launches it, and a torch
 reference. Tensors in, tensors out: no file here imports the rest of diffedit.
 
-This file imports nothing: the submodules import Triton, and diffedit imports them lazily, in its
-one chooser `diffedit.devices.choose_kernel`, so that `import diffedit` works without Triton.
+This file imports nothing: the Triton submodules import Triton, and diffedit imports every kernel
+lazily, in its one chooser `diffedit.devices.choose_kernel`, so that `import diffedit` works without
+Triton and builds nothing.
 """

@@ -30,6 +30,9 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 PROFILER_NAME = "diffedit::cpu_attention"
+# Below this many FLOPs (about 1 ms on one core) the kernel runs on the calling thread alone: a second
+# thread must first get a core, which torch's own threads may still be spinning on after the last op.
+PARALLEL_FLOPS = 1e8
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -146,12 +149,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, queries, channels = q.shape
     head_dim = channels // heads
+    threads = torch.get_num_threads() if 4.0 * batch * queries * k.shape[1] * channels >= PARALLEL_FLOPS else 1
     out = torch.empty(batch, queries, channels, dtype=torch.bfloat16)
     with torch.profiler.record_function(PROFILER_NAME):  # so that torch.profiler sees the C call
         status = (built or library()).attention_bf16(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            batch, heads, queries, k.shape[1], head_dim, head_dim ** -0.5, torch.get_num_threads())
+            batch, heads, queries, k.shape[1], head_dim, head_dim ** -0.5, threads)
     if status != 0:
         raise MemoryError("the CPU attention kernel could not allocate its buffers")
     return out
