@@ -19,13 +19,14 @@
 
    Layout: q, k, v, out are (B, N, H * D) bf16 with unit stride along D and head h at offset h * D
    (what a linear projection gives); `*_sb` and `*_sn` are the batch and token strides in elements.
-   Work items (b, h, row block) are split into `threads` contiguous ranges, one pthread each: every
-   output element is computed by one thread in one fixed order, so the result does not depend on
-   the thread count. Returns 0, or -1 when a buffer cannot be allocated.
+   Threads: OpenMP, static schedule over the heads (packing) and the work items (b, h, row block).
+   Built with -fopenmp after torch is loaded, the library shares torch's OpenMP runtime (libgomp.so.1),
+   so its threads are the ones torch's own ops just used, not new ones competing with them for the
+   cores. Every output element is computed by one thread in one fixed order, so the result does not
+   depend on the thread count. Returns 0, or -1 when a buffer cannot be allocated.
 
    Without AVX512-BF16 (or with -DPORTABLE_ONLY) the same steps compile as plain C: correct, slow. */
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,8 +48,6 @@ typedef struct {
     float scale;
     uint32_t *k_packed;  /* [B*H][keys_pad / 16][pairs][16] pairs of bf16 */
     uint32_t *v_packed;  /* [B*H][keys_pad / 2][cols_pad] pairs of bf16 (two keys) */
-    long first, last;    /* this thread's work items: heads (packing) or row blocks (attention) */
-    int status;
 } Job;
 
 static inline uint32_t pair(bf16 lo, bf16 hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
@@ -56,30 +55,28 @@ static inline uint32_t pair(bf16 lo, bf16 hi) { return (uint32_t)lo | ((uint32_t
 /* aligned_alloc wants a size that is a multiple of the alignment */
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* Pack k and v of the heads [first, last) into the VNNI layouts of steps 1 and 3 (zero padding). */
-static void pack_heads(Job *job) {
-    for (long bh = job->first; bh < job->last; bh++) {
-        int b = (int)(bh / job->H), h = (int)(bh % job->H), D = job->D;
-        const bf16 *k = job->k + b * job->k_sb + (long)h * D, *v = job->v + b * job->v_sb + (long)h * D;
-        uint32_t *kp = job->k_packed + bh * (long)job->keys_pad * job->pairs;
-        uint32_t *vp = job->v_packed + bh * (long)(job->keys_pad / 2) * job->cols_pad;
-        for (int n = 0; n < job->keys_pad; n++) {
-            for (int p = 0; p < job->pairs; p++) {
-                bf16 lo = 0, hi = 0;
-                if (n < job->Nk) {
-                    lo = k[n * job->k_sn + 2 * p];
-                    hi = 2 * p + 1 < D ? k[n * job->k_sn + 2 * p + 1] : 0;
-                }
-                kp[((long)(n / 16) * job->pairs + p) * 16 + n % 16] = pair(lo, hi);
+/* Pack k and v of head bh into the VNNI layouts of steps 1 and 3 (zero padding). */
+static void pack_head(const Job *job, long bh) {
+    int b = (int)(bh / job->H), h = (int)(bh % job->H), D = job->D;
+    const bf16 *k = job->k + b * job->k_sb + (long)h * D, *v = job->v + b * job->v_sb + (long)h * D;
+    uint32_t *kp = job->k_packed + bh * (long)job->keys_pad * job->pairs;
+    uint32_t *vp = job->v_packed + bh * (long)(job->keys_pad / 2) * job->cols_pad;
+    for (int n = 0; n < job->keys_pad; n++) {
+        for (int p = 0; p < job->pairs; p++) {
+            bf16 lo = 0, hi = 0;
+            if (n < job->Nk) {
+                lo = k[n * job->k_sn + 2 * p];
+                hi = 2 * p + 1 < D ? k[n * job->k_sn + 2 * p + 1] : 0;
             }
+            kp[((long)(n / 16) * job->pairs + p) * 16 + n % 16] = pair(lo, hi);
         }
-        for (int n2 = 0; n2 < job->keys_pad / 2; n2++) {
-            for (int c = 0; c < job->cols_pad; c++) {
-                int n = 2 * n2;
-                bf16 lo = (n < job->Nk && c < D) ? v[n * job->v_sn + c] : 0;
-                bf16 hi = (n + 1 < job->Nk && c < D) ? v[(n + 1) * job->v_sn + c] : 0;
-                vp[(long)n2 * job->cols_pad + c] = pair(lo, hi);
-            }
+    }
+    for (int n2 = 0; n2 < job->keys_pad / 2; n2++) {
+        for (int c = 0; c < job->cols_pad; c++) {
+            int n = 2 * n2;
+            bf16 lo = (n < job->Nk && c < D) ? v[n * job->v_sn + c] : 0;
+            bf16 hi = (n + 1 < job->Nk && c < D) ? v[(n + 1) * job->v_sn + c] : 0;
+            vp[(long)n2 * job->cols_pad + c] = pair(lo, hi);
         }
     }
 }
@@ -222,64 +219,30 @@ static void weighted_values(bf16 *out, long o_sn, int rows, const uint32_t *P, c
 }
 #endif
 
-/* Row blocks [first, last) of all heads: steps 1-3 with the buffers of this thread. */
-static void attend_blocks(Job *job) {
+/* One work item (b, h, block of ROWS query rows): steps 1-3 with this thread's buffers S, P, Q. */
+static void attend_block(const Job *job, long item, float *S, uint32_t *P, uint32_t *Q) {
     const int blocks = (job->Nq + ROWS - 1) / ROWS, pairs = job->pairs, keys_pad = job->keys_pad, D = job->D;
-    float *S = alloc64(sizeof(float) * ROWS * keys_pad);
-    uint32_t *P = alloc64(sizeof(uint32_t) * ROWS * (keys_pad / 2));
-    uint32_t *Q = alloc64(sizeof(uint32_t) * ROWS * pairs);
-    if (!S || !P || !Q) { free(S); free(P); free(Q); job->status = -1; return; }
-    for (long item = job->first; item < job->last; item++) {
-        long bh = item / blocks;
-        int row0 = (int)(item % blocks) * ROWS, b = (int)(bh / job->H), h = (int)(bh % job->H);
-        int rows = job->Nq - row0 < ROWS ? job->Nq - row0 : ROWS;
-        const bf16 *q = job->q + b * job->q_sb + (long)row0 * job->q_sn + (long)h * D;
-        bf16 *out = job->out + b * job->o_sb + (long)row0 * job->o_sn + (long)h * D;
-        const uint32_t *kp = job->k_packed + bh * (long)keys_pad * pairs;
-        const uint32_t *vp = job->v_packed + bh * (long)(keys_pad / 2) * job->cols_pad;
-        for (int r = 0; r < ROWS; r++)             /* the block's q rows as head-dim pairs, zero padded */
-            for (int p = 0; p < pairs; p++)
-                Q[r * pairs + p] = r < rows ? pair(q[r * job->q_sn + 2 * p], 2 * p + 1 < D ? q[r * job->q_sn + 2 * p + 1] : 0) : 0;
-        scores(S, Q, kp, pairs, keys_pad);
-        float inv_sum[ROWS];
-        for (int r = 0; r < ROWS; r++) {
-            float *s = S + (long)r * keys_pad;
-            for (int n = job->Nk; n < keys_pad; n++) s[n] = -1e30f;   /* padded keys weigh nothing */
-            inv_sum[r] = softmax_row(s, P + (long)r * (keys_pad / 2), keys_pad, job->scale);
-        }
-        for (int c0 = 0; c0 < job->cols_pad; c0 += COLS) {
-            int vecs = (job->cols_pad - c0) / 16 < 3 ? (job->cols_pad - c0) / 16 : 3;
-            weighted_values(out, job->o_sn, rows, P, vp, inv_sum, keys_pad, job->cols_pad, c0, vecs, D);
-        }
+    long bh = item / blocks;
+    int row0 = (int)(item % blocks) * ROWS, b = (int)(bh / job->H), h = (int)(bh % job->H);
+    int rows = job->Nq - row0 < ROWS ? job->Nq - row0 : ROWS;
+    const bf16 *q = job->q + b * job->q_sb + (long)row0 * job->q_sn + (long)h * D;
+    bf16 *out = job->out + b * job->o_sb + (long)row0 * job->o_sn + (long)h * D;
+    const uint32_t *kp = job->k_packed + bh * (long)keys_pad * pairs;
+    const uint32_t *vp = job->v_packed + bh * (long)(keys_pad / 2) * job->cols_pad;
+    for (int r = 0; r < ROWS; r++)             /* the block's q rows as head-dim pairs, zero padded */
+        for (int p = 0; p < pairs; p++)
+            Q[r * pairs + p] = r < rows ? pair(q[r * job->q_sn + 2 * p], 2 * p + 1 < D ? q[r * job->q_sn + 2 * p + 1] : 0) : 0;
+    scores(S, Q, kp, pairs, keys_pad);
+    float inv_sum[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        float *s = S + (long)r * keys_pad;
+        for (int n = job->Nk; n < keys_pad; n++) s[n] = -1e30f;   /* padded keys weigh nothing */
+        inv_sum[r] = softmax_row(s, P + (long)r * (keys_pad / 2), keys_pad, job->scale);
     }
-    free(S); free(P); free(Q);
-}
-
-static void *run_pack(void *arg) { pack_heads((Job *)arg); return NULL; }
-static void *run_attend(void *arg) { attend_blocks((Job *)arg); return NULL; }
-
-/* Split [0, total) into `threads` contiguous ranges and run `work` on each, one pthread per range. */
-static int fan_out(Job *base, int threads, long total, void *(*work)(void *)) {
-    Job jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0}, status = 0;
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    if (threads > total) threads = (int)(total > 0 ? total : 1);
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = *base;
-        jobs[t].first = total * t / threads;
-        jobs[t].last = total * (t + 1) / threads;
-        jobs[t].status = 0;
+    for (int c0 = 0; c0 < job->cols_pad; c0 += COLS) {
+        int vecs = (job->cols_pad - c0) / 16 < 3 ? (job->cols_pad - c0) / 16 : 3;
+        weighted_values(out, job->o_sn, rows, P, vp, inv_sum, keys_pad, job->cols_pad, c0, vecs, D);
     }
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, work, &jobs[t]) == 0;
-    work(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else work(&jobs[t]);                       /* no thread to spare: do its share here */
-    }
-    for (int t = 0; t < threads; t++) status |= jobs[t].status;
-    return status;
 }
 
 /* Which path this build has: "avx512_bf16" or "portable". */
@@ -289,15 +252,32 @@ int attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out,
                    long q_sb, long q_sn, long k_sb, long k_sn, long v_sb, long v_sn, long o_sb, long o_sn,
                    int B, int H, int Nq, int Nk, int D, float scale, int threads) {
     Job job = {q, k, v, out, q_sb, q_sn, k_sb, k_sn, v_sb, v_sn, o_sb, o_sn, B, H, Nq, Nk, D,
-               (D + 1) / 2, (Nk + KEYS - 1) / KEYS * KEYS, (D + 15) / 16 * 16, scale, NULL, NULL, 0, 0, 0};
-    long heads = (long)B * H;
+               (D + 1) / 2, (Nk + KEYS - 1) / KEYS * KEYS, (D + 15) / 16 * 16, scale, NULL, NULL};
+    const long heads = (long)B * H, items = heads * ((Nq + ROWS - 1) / ROWS);
+    int status = 0;
     job.k_packed = alloc64(sizeof(uint32_t) * heads * job.keys_pad * job.pairs);
     job.v_packed = alloc64(sizeof(uint32_t) * heads * (job.keys_pad / 2) * job.cols_pad);
-    int status = -1;
-    if (job.k_packed && job.v_packed) {
-        status = fan_out(&job, threads, heads, run_pack);
-        if (status == 0)
-            status = fan_out(&job, threads, heads * ((Nq + ROWS - 1) / ROWS), run_attend);
+    if (!job.k_packed || !job.v_packed) {
+        free(job.k_packed);
+        free(job.v_packed);
+        return -1;
+    }
+    #pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+    {
+        #pragma omp for schedule(static)
+        for (long bh = 0; bh < heads; bh++) pack_head(&job, bh);
+        float *S = alloc64(sizeof(float) * ROWS * job.keys_pad);                  /* this thread's buffers */
+        uint32_t *P = alloc64(sizeof(uint32_t) * ROWS * (job.keys_pad / 2));
+        uint32_t *Q = alloc64(sizeof(uint32_t) * ROWS * job.pairs);
+        int ok = S && P && Q;
+        if (!ok) {
+            #pragma omp atomic write
+            status = -1;
+        }
+        #pragma omp for schedule(static)
+        for (long item = 0; item < items; item++)
+            if (ok) attend_block(&job, item, S, P, Q);
+        free(S); free(P); free(Q);
     }
     free(job.k_packed);
     free(job.v_packed);

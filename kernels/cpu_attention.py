@@ -5,10 +5,11 @@ cpu_attention.c. In short, softmax(q k^T * scale) v per head, with both products
 (AVX512-BF16) and the softmax of an 8-row block held in the core's caches, where torch's CPU
 `scaled_dot_product_attention` reaches 14-25 % of a native-bf16 machine's peak at SD's head dims.
 
-Build: the system's C compiler ($CC, else `cc`) with -O3 -march=native, once per source, compiler
-and CPU kind, into a shared library cached under $DIFFEDIT_CACHE (else $XDG_CACHE_HOME/diffedit,
-else ~/.cache/diffedit); written to a temporary name and renamed, so concurrent processes never
-load a half-written file. On a CPU without AVX512-BF16 the same source compiles its portable C
+Build: the system's C compiler ($CC, else `cc`) with -O3 -march=native -fopenmp (without -fopenmp
+if the compiler has no OpenMP: then one thread), once per source, compiler, flags and CPU kind,
+into a shared library cached under $DIFFEDIT_CACHE (else $XDG_CACHE_HOME/diffedit, else
+~/.cache/diffedit); written to a temporary name and renamed, so concurrent processes never load a
+half-written file. Loaded after torch, it shares torch's OpenMP runtime and threads. On a CPU without AVX512-BF16 the same source compiles its portable C
 path (`path()` says which), correct but slow: diffedit's "auto" rule uses this kernel only where
 the fast path is built (`fast()`), and the tests run whichever path the machine has.
 
@@ -28,11 +29,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
+SERIAL_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")   # where the compiler has no OpenMP: one thread
 PROFILER_NAME = "diffedit::cpu_attention"
-# Below this many FLOPs (about 1 ms on one core) the kernel runs on the calling thread alone: a second
-# thread must first get a core, which torch's own threads may still be spinning on after the last op.
-PARALLEL_FLOPS = 1e8
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -59,12 +58,18 @@ def cache_dir() -> Path:
 def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel; `extra_flags` e.g. ("-DPORTABLE_ONLY",)
     builds the portable path on a machine that has the fast one (the tests run both)."""
-    flags = FLAGS + tuple(extra_flags)
     compiler = os.environ.get("CC", "cc")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         raise RuntimeError(f"no C compiler ({compiler!r}) to build the CPU attention kernel") from None
+    try:
+        return _compiled(compiler, version, FLAGS + tuple(extra_flags))
+    except RuntimeError:
+        return _compiled(compiler, version, SERIAL_FLAGS + tuple(extra_flags))
+
+
+def _compiled(compiler: str, version: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_kind()]).encode()).hexdigest()
     target = cache_dir() / f"cpu_attention-{key[:16]}.so"
     if not target.is_file():
@@ -149,13 +154,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, queries, channels = q.shape
     head_dim = channels // heads
-    threads = torch.get_num_threads() if 4.0 * batch * queries * k.shape[1] * channels >= PARALLEL_FLOPS else 1
     out = torch.empty(batch, queries, channels, dtype=torch.bfloat16)
     with torch.profiler.record_function(PROFILER_NAME):  # so that torch.profiler sees the C call
         status = (built or library()).attention_bf16(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            batch, heads, queries, k.shape[1], head_dim, head_dim ** -0.5, threads)
+            batch, heads, queries, k.shape[1], head_dim, head_dim ** -0.5, torch.get_num_threads())
     if status != 0:
         raise MemoryError("the CPU attention kernel could not allocate its buffers")
     return out

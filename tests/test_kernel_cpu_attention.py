@@ -81,10 +81,8 @@ def test_peaked_softmax_and_large_scores():
 
 
 @torch.no_grad()
-def test_same_bits_for_every_thread_count(monkeypatch):
-    """Each output element is computed by one thread in one order: 1, 2 or 3 threads give the same bits
-    (the threshold below which the kernel keeps to one thread set to 0, so that every call splits)."""
-    monkeypatch.setattr(kernel, "PARALLEL_FLOPS", 0)
+def test_same_bits_for_every_thread_count():
+    """Each output element is computed by one thread in one order: 1, 2 or 3 threads give the same bits."""
     q, k, v = qkv(2, 3, 45, 70, 40, seed=2)
     threads = torch.get_num_threads()
     try:
@@ -173,6 +171,15 @@ def test_model_attention_routes_by_rule(monkeypatch):
     assert torch.equal(attention_module.attention(q, k, v, heads=4, upcast=True), expect_upcast)  # auto: torch
     assert attention_module.backend_name(torch.float32) == "torch"
     assert attention_module.backend_name(torch.bfloat16) == ("cpu kernel (avx512_bf16)" if kernel.fast() else "torch")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mapped libraries (Linux)")
+def test_threads_are_torchs_own():
+    """The kernel's OpenMP is the runtime torch loaded: one OpenMP library in the process, not two pools."""
+    kernel.library()
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 def _child(code: str, env: dict, tmp_path) -> subprocess.CompletedProcess:
