@@ -140,6 +140,32 @@ def test_models_with_packed_convolutions_and_linear_layers(full):
 
 
 @torch.no_grad()
+def test_unet_in_bf16_with_the_cpu_attention_kernel(full, monkeypatch):
+    """bf16 on the CPU with diffedit's fused attention (kernels/cpu_attention.c, what "auto" runs on a
+    CPU with AVX512-BF16; forced here, so that other CPUs run its portable path) stays as close to the
+    fp32 reference as bf16 with torch's SDPA, and within test_models_parity's bf16 bar."""
+    import copy
+    from diffedit.errors import ParameterError
+    unet = copy.deepcopy(full.model.unet).to(torch.bfloat16)
+    latents, context = full.inputs["latents32"].bfloat16(), full.inputs["context"].bfloat16()
+    expected = full.expected[f"unet32/{TIMESTEPS[-1]}"]
+    if full.model.config.unet.upcast_attention:  # SD 2's fp32 attention is torch's: forcing the kernel says so
+        monkeypatch.setenv("DIFFEDIT_ATTENTION", "cpu")
+        with pytest.raises(ParameterError, match="upcast"):
+            unet(latents, TIMESTEPS[-1], context)
+        return
+    errors = {}
+    for backend in ("torch", "cpu"):
+        monkeypatch.setenv("DIFFEDIT_ATTENTION", backend)
+        out = unet(latents, TIMESTEPS[-1], context).float()
+        errors[backend] = ((out - expected).abs().max() / expected.abs().max()).item()
+    del unet
+    print(f"[full-size {full.arch}] bf16 UNet 32x32, max error / max |ref|: {errors}")
+    assert errors["cpu"] <= 1.25 * errors["torch"] + 1e-3, errors
+    assert errors["cpu"] < 5e-2, errors
+
+
+@torch.no_grad()
 def test_vae(full):
     compare(f"{full.arch} VAE encode mean {IMAGE_SIZE}px", full.model.vae.encode(full.inputs["images"]).mean,
             full.expected["vae_mean"])
