@@ -116,9 +116,10 @@ def choose_kernel(kind: str, operands: tuple, requested: str | None = None) -> M
         return None
     if kind == "attention" and not operands[0].is_cuda and backend in ("auto", "cpu"):
         return _cpu_attention_kernel(operands, forced=backend == "cpu")
+    variable, switch, _ = KERNEL_SWITCHES[kind]
     if backend == "cpu":
-        raise ParameterError("the CPU attention kernel takes CPU tensors only; choose 'auto' or 'triton' with "
-                             "set_attention_backend or DIFFEDIT_ATTENTION for CUDA tensors.")
+        raise ParameterError(f"the CPU attention kernel takes CPU tensors only; choose 'auto' or 'triton' with "
+                             f"{switch} or {variable} for CUDA tensors.")
     if backend == "auto" and not operands[0].is_cuda:
         return None
     try:
@@ -130,7 +131,6 @@ def choose_kernel(kind: str, operands: tuple, requested: str | None = None) -> M
     except (TypeError, ValueError) as error:  # the kernel's own one-sentence refusal
         problem = str(error).rstrip(".")
     if backend == "triton":
-        variable, switch, _ = KERNEL_SWITCHES[kind]
         raise ParameterError(f"the Triton {kind} kernel cannot serve these tensors: {problem}; "
                              f"choose 'torch' or 'auto' with {switch} or {variable}.")
     return None
@@ -150,8 +150,9 @@ def _cpu_attention_kernel(operands: tuple, forced: bool) -> ModuleType | None:
     except (TypeError, ValueError, RuntimeError) as error:
         if not forced:
             return None
+        variable, switch, _ = KERNEL_SWITCHES["attention"]
         raise ParameterError(f"the CPU attention kernel cannot serve these tensors: {str(error).rstrip('.')}; "
-                             f"choose 'torch' or 'auto' with set_attention_backend or DIFFEDIT_ATTENTION.") from None
+                             f"choose 'torch' or 'auto' with {switch} or {variable}.") from None
 
 
 def _import_kernel(kind: str) -> ModuleType:

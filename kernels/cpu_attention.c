@@ -29,7 +29,6 @@
 
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define ROWS 8       /* query rows per tile */
 #define KEYS 32      /* keys per tile of step 1: two vectors of 16 lanes */

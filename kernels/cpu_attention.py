@@ -19,6 +19,7 @@ Tensors in, tensors out: this file imports nothing of diffedit.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -108,6 +109,7 @@ def library() -> ctypes.CDLL:
         return _library
 
 
+@functools.cache  # asked on every attention call under "auto": once the library is loaded, it is fixed
 def path() -> str:
     """"avx512_bf16" (the fast path) or "portable" (plain C), as built for this CPU."""
     return library().kernel_path().decode()

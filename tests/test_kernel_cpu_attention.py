@@ -218,6 +218,14 @@ with torch.no_grad():
     assert lines[1].startswith("forced: the CPU attention kernel cannot serve these tensors: no C compiler")
     assert not (tmp_path / "other" / "cache").exists()
 
+    no_openmp = tmp_path / "cc-without-openmp"                                       # refuses -fopenmp only
+    no_openmp.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    no_openmp.chmod(0o755)
+    serial = _child(code + "print('path:', kernel.path())", {"CC": str(no_openmp)}, tmp_path / "serial")
+    assert serial.returncode == 0, serial.stderr
+    assert "forced: kernel" in serial.stdout and f"path: {kernel.path()}" in serial.stdout  # built without OpenMP
+    assert len(list((tmp_path / "serial" / "cache" / "kernels").iterdir())) == 1
+
     failing = _child(code, {"CC": "false"}, tmp_path / "failing")                    # a compiler that fails
     assert failing.returncode == 0, failing.stderr
     assert "forced: the CPU attention kernel cannot serve these tensors: false could not build" in failing.stdout
