@@ -27,7 +27,8 @@ classes and with diffusers' (`StableDiffusionPipeline.from_pretrained`).
 - Autoencoder: {tc.vae_steps} steps x {tc.vae_batch} crops of {tc.vae_crop} px, L1 + MSE + {tc.kl_weight:g} KL.
 - UNet + text encoder, jointly from scratch: {tc.unet_steps} steps x {tc.unet_batch} latents, AdamW at
   {tc.unet_lr:g} (warm-up {tc.warmup}, cosine to 10 %), caption dropped {tc.uncond_prob:.0%} of the time
-  (for classifier-free guidance), EMA {tc.ema_decay} (what is saved).
+  (for classifier-free guidance), EMA {tc.ema_decay} (what is saved); the noise loss weighted over t:
+  {tc.loss_weight} (diffedit/shapes/training.py, `loss_weights`).
 - Seed {tc.seed}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {minutes:.0f} minutes on
   {cpu_name()}.
   The same command, seed, software, CPU kind and thread count give the same weights bit for bit

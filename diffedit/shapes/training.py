@@ -79,6 +79,7 @@ class TrainConfig:
     log_every: int = 50            # steps between log lines
     checkpoint_every: int = 250    # UNet steps between checkpoints (and after the autoencoder)
     snapshot_every: int = 0        # UNet steps between saved intermediate models (0: none), to measure progress
+    loss_weight: str = "simple"    # weight of the noise loss over t (LOSS_WEIGHTS): "simple", "p2" or "v-capped"
 
 
 QUICK = TrainConfig(scenes=64, vae_steps=3, vae_batch=4, vae_crop=32, unet_steps=3, unet_batch=4, warmup=1, log_every=1,
@@ -116,6 +117,31 @@ class Logger:
         line = f"[{self.elapsed():7.1f}s] {message}"
         self.lines.append(line)
         print(line, flush=True)
+
+
+LOSS_WEIGHTS = ("simple", "p2", "v-capped")
+
+
+def loss_weights(name: str, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """w(t) of the weighted DDPM loss  w(t) || eps - eps_theta(z_t, t, c) ||^2, normalised to mean 1 over t.
+
+    simple    1 for every t (DDPM eq. 14): an error in the predicted image counts SNR(t) times, so
+              the noisy steps, where the colour must come from the caption, weigh little.
+    p2        1 - alpha_bar = 1 / (1 + SNR) (P2 weighting, Choi et al. 2022, k = 1, gamma = 1):
+              the near-clean steps weigh less.
+    v-capped  min(1 / alpha_bar, 10): || v - v_theta ||^2 = || eps - eps_theta ||^2 / alpha_bar, the weight
+              v-prediction (Salimans & Ho 2022) puts on the noise loss, capped: the noisy steps weigh more.
+    The model predicts the noise in every case."""
+    alpha_bar = alpha_bar.double()
+    if name == "simple":
+        w = torch.ones_like(alpha_bar)
+    elif name == "p2":
+        w = 1 - alpha_bar
+    elif name == "v-capped":
+        w = (1 / alpha_bar).clamp(max=10.0)
+    else:
+        raise ParameterError(f"unknown loss weight {name!r}; choose one of {', '.join(LOSS_WEIGHTS)}.")
+    return (w / w.mean()).float()
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -228,6 +254,7 @@ def train_unet(config: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, em
         first, running = state["step"], state["running"]
         log(f"unet resumed at step {first}")
     alpha_bar = DDIM(config.scheduler).alpha_bar
+    weight = loss_weights(tc.loss_weight, alpha_bar)
     T = config.scheduler.num_train_timesteps
     pairs = tc.unet_batch // 2
     for step in range(first, tc.unet_steps):
@@ -242,7 +269,10 @@ def train_unet(config: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, em
         z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps               # q(z_t | z_0), DDPM eq. 4
         with torch.autocast("cpu", torch.bfloat16, enabled=tc.bf16):
             eps_pred = unet(z_t, t, text_encoder(c)).float()
-        loss = F.mse_loss(eps_pred, eps)                             # DDPM eq. 14 (simple loss)
+        if tc.loss_weight == "simple":
+            loss = F.mse_loss(eps_pred, eps)                         # DDPM eq. 14 (simple loss)
+        else:                                                        # the same, weighted over t
+            loss = (weight[t] * ((eps_pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -268,6 +298,8 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), threads: int | None 
     """Run the four stages and save the model in diffusers layout at `out`.
 
     With `resume`, continue the interrupted run whose checkpoint lies beside `out` (same config)."""
+    if tc.loss_weight not in LOSS_WEIGHTS:
+        raise ParameterError(f"unknown loss weight {tc.loss_weight!r}; choose one of {', '.join(LOSS_WEIGHTS)}.")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(tc.seed)
@@ -337,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke test)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    parser.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default=None,
+                        help="weight of the noise loss over t (default: the config's)")
     parser.add_argument("--snapshot-every", type=int, default=0, help="save the model every N UNet steps too")
     args = parser.parse_args(argv)
     tc = replace(QUICK if args.quick else TrainConfig(), seed=args.seed)
@@ -346,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         tc = replace(tc, vae_steps=args.vae_steps)
     if args.snapshot_every:
         tc = replace(tc, snapshot_every=args.snapshot_every)
+    if args.loss_weight is not None:
+        tc = replace(tc, loss_weight=args.loss_weight)
     try:
         train(args.out, tc, threads=args.threads, resume=args.resume)
     except DiffEditError as e:  # e.g. a checkpoint of another config: one sentence, no traceback
