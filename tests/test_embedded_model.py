@@ -262,3 +262,70 @@ def test_model_card_names_the_cpu_kind_threads_and_steps():
     card = model_card(TrainConfig(unet_steps=1234), 3_750_000, 97.0)
     assert cpu_name() in card and f"{torch.get_num_threads()} CPU threads" in card
     assert "1234 steps" in card and "97 minutes" in card
+    assert "weighted over t:\n  simple" in card
+
+
+def test_loss_weights_over_t():
+    """Each weighting has mean 1 over t; simple is flat, p2 and v-capped grow with the noise, v capped at 10x."""
+    from diffedit.errors import ParameterError
+    from diffedit.models.config import PRESETS
+    from diffedit.sampler import DDIM
+    from diffedit.shapes.training import LOSS_WEIGHTS, loss_weights
+
+    alpha_bar = DDIM(PRESETS["sd1"].scheduler).alpha_bar
+    for name in LOSS_WEIGHTS:
+        w = loss_weights(name, alpha_bar)
+        assert w.shape == alpha_bar.shape and w.dtype == torch.float32
+        assert w.mean().item() == pytest.approx(1.0, abs=1e-6) and (w >= 0).all()
+    assert torch.equal(loss_weights("simple", alpha_bar), torch.ones(1000))
+    p2, v = loss_weights("p2", alpha_bar), loss_weights("v-capped", alpha_bar)
+    assert (p2.diff() > 0).all() and (v.diff() >= 0).all()
+    assert p2[0] < 0.01 * p2[-1]                                   # near-clean steps weigh almost nothing
+    ratio = v / (1 / alpha_bar)                                    # proportional to 1 / alpha_bar below the cap
+    below = 1 / alpha_bar < 10
+    assert torch.allclose(ratio[below], ratio[0].expand(int(below.sum())), rtol=1e-5)
+    assert v.max() / v.min() == pytest.approx(10.0 * alpha_bar[0].item(), rel=1e-5)
+    with pytest.raises(ParameterError, match="unknown loss weight 'snr'; choose one of simple, p2, v-capped"):
+        loss_weights("snr", alpha_bar)
+
+
+def test_weighted_training_is_reproducible_resumable_and_differs(tmp_path, monkeypatch):
+    """--loss-weight changes the weights; a weighted run interrupted at UNet step 2 resumes to the same bits."""
+    from dataclasses import replace
+
+    from diffedit.shapes import training
+    from diffedit.shapes.training import QUICK, train
+    from safetensors.torch import load_file
+
+    weighted = replace(QUICK, loss_weight="v-capped")
+    whole = train(tmp_path / "whole", weighted, threads=1)
+    simple = train(tmp_path / "simple", QUICK, threads=1)
+    part = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(whole / part), load_file(simple / part)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    save = training.save_checkpoint
+
+    def save_then_stop(path, state):
+        save(path, state)
+        if state.get("step") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "resumed", weighted, threads=1)
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    _same_weights(whole, train(tmp_path / "resumed", weighted, threads=1, resume=True))
+    assert "loss_weight='v-capped'" in (whole / "training_log.txt").read_text()
+
+
+def test_training_refuses_a_missing_output_folder_before_any_work(tmp_path, capsys):
+    from diffedit.errors import OutputFileError
+    from diffedit.shapes import training
+    from diffedit.shapes.training import QUICK, train
+
+    with pytest.raises(OutputFileError, match="does not exist; create it first"):
+        train(tmp_path / "missing" / "m", QUICK, threads=1)
+    code = training.main(["--out", str(tmp_path / "missing" / "m"), "--quick", "--threads", "1"])
+    err = capsys.readouterr()
+    assert code == 2 and len(err.err.strip().splitlines()) == 1 and "vae  step" not in err.out
+    assert list(tmp_path.iterdir()) == []

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from diffedit.checkpoints.export import save_pretrained
 from diffedit.errors import DiffEditError, ParameterError
-from diffedit.io.files import atomic_write
+from diffedit.io.files import atomic_write, check_output
 from diffedit.models.clip import TextEncoder
 from diffedit.models.config import (
     PRESETS,
@@ -306,6 +306,7 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), threads: int | None 
     gen = torch.Generator().manual_seed(tc.seed)
     out = Path(out)
     checkpoint = out.with_name(f".{out.name}.checkpoint.pt")
+    check_output(checkpoint, overwrite=True)  # a missing or read-only folder fails now, not after the autoencoder
     state = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else {}
     if state and state["config"] != repr(tc):
         raise ParameterError(f"the checkpoint {checkpoint} is of another training config ({state['config']}); "
