@@ -259,10 +259,26 @@ def test_model_card_names_the_cpu_kind_threads_and_steps():
     from diffedit.devices import cpu_name
     from diffedit.shapes.card import model_card
     from diffedit.shapes.training import TrainConfig
-    card = model_card(TrainConfig(unet_steps=1234), 3_750_000, 97.0)
+    card = model_card(TrainConfig(unet_steps=1234, loss_weight="simple"), 3_750_000, 97.0)
     assert cpu_name() in card and f"{torch.get_num_threads()} CPU threads" in card
     assert "1234 steps" in card and "97 minutes" in card
     assert "weighted over t:\n  simple" in card
+
+
+def test_the_shipped_model_was_trained_with_the_default_config():
+    """`python -m diffedit.shapes.training --out weights/shapes-64` is the recipe of the shipped weights:
+    the config in its log's first line equals the default in every field that shapes the weights."""
+    import re
+    from dataclasses import fields
+
+    from diffedit.shapes.training import TrainConfig
+
+    first = (MODEL / "training_log.txt").read_text().splitlines()[0]
+    logged = dict(re.findall(r"(\w+)=([^,()]+)", first.split("training config: TrainConfig(", 1)[1]))
+    logged.setdefault("loss_weight", "'simple'")   # logs from before the field trained with the simple loss
+    bookkeeping = {"log_every", "checkpoint_every", "snapshot_every"}   # they do not change a bit of the weights
+    default = {f.name: repr(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig) if f.name not in bookkeeping}
+    assert {k: v for k, v in logged.items() if k not in bookkeeping} == default
 
 
 def test_loss_weights_over_t():

@@ -11,9 +11,10 @@ Four stages, as SD itself was built (Rombach et al. 2022), each logged:
   3. latents     every training scene encoded once (posterior mean); scaling_factor = 1 / std(z),
                  SD's own recipe for its 0.18215
   4. UNet + text encoder, jointly: the DDPM objective (Ho et al. 2020) on SD's scaled-linear
-                 schedule, || eps - eps_theta(sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps, t, c) ||^2,
-                 with the caption dropped to "" for 10 % of samples (classifier-free guidance)
-                 and an exponential moving average of the weights, which is what is saved.
+                 schedule, w(t) || eps - eps_theta(sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps, t, c) ||^2
+                 (w = 1 is DDPM's simple loss; `loss_weights` has the others), with the caption
+                 dropped to "" for 10 % of samples (classifier-free guidance) and an exponential
+                 moving average of the weights, which is what is saved.
 
 The scenes come in minimal pairs: every training seed's scene and the same scene with one object's
 colour or shape changed (world.make_edit), trained with the same noise and timestep, so that the
