@@ -64,11 +64,20 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def embedding(count: int, width: int) -> nn.Embedding:
+    """`nn.Embedding(count, width)` with the same N(0, 1) init, skipped where the model is built on
+    the meta device to be loaded: there torch's `normal_` imports torch._dynamo, 1.3-2 s of every load."""
+    weight = torch.empty(count, width)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding.from_pretrained(weight, freeze=False)
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
-        self.position_embedding = nn.Embedding(c.max_length, c.width)
+        self.token_embedding = embedding(c.vocab_size, c.width)
+        self.position_embedding = embedding(c.max_length, c.width)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
