@@ -1,0 +1,54 @@
+"""scripts/mask_iou_bounds.py: the IoU a mask of exactly the changed pixels reaches on the shapes
+benchmark (README, "What the IoU goal asks for"). The figures quoted there are pinned here."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffedit.research.metrics import mask_iou
+from diffedit.shapes.world import heldout_edits
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mask_iou_bounds.py"
+spec = importlib.util.spec_from_file_location("mask_iou_bounds", SCRIPT)
+bounds_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bounds_script)
+
+
+@pytest.fixture(scope="module")
+def edits():
+    return heldout_edits(50)
+
+
+def test_changed_pixels_are_the_whole_ground_truth_of_a_colour_edit_and_part_of_a_shape_edit(edits):
+    for edit in edits:
+        changed = bounds_script.changed_pixels(edit)
+        assert not (changed & ~edit.edit_mask).any()            # nothing changes outside old | new
+        if edit.kind == "colour":
+            assert np.array_equal(changed, edit.edit_mask)
+        else:
+            assert changed.sum() < edit.edit_mask.sum()
+            assert mask_iou(changed, edit.edit_mask) == pytest.approx(changed.sum() / edit.edit_mask.sum())
+
+
+def test_a_latent_map_keeps_a_full_mask_and_an_empty_one():
+    full, empty = np.ones((64, 64), bool), np.zeros((64, 64), bool)
+    assert bounds_script.through_latent_map(full, 16).all() and not bounds_script.through_latent_map(empty, 16).any()
+    square = np.zeros((64, 64), bool)
+    square[16:32, 16:32] = True          # aligned with the 4-px cells: its edges are kept, its corners rounded
+    seen = bounds_script.through_latent_map(square, 16)
+    assert not (seen & ~square).any() and seen[17:31, 16:32].all() and seen[16:32, 17:31].all()
+    assert not seen[16, 16] and mask_iou(seen, square) > 0.98
+
+
+def test_the_bounds_quoted_in_the_readme(edits):
+    table = bounds_script.bounds(edits, 16)
+    assert table["changed pixels"]["colour"] == 1.0
+    assert table["changed pixels"]["shape"] == pytest.approx(0.325, abs=5e-4)
+    assert table["changed pixels"]["all"] == pytest.approx(0.663, abs=5e-4)
+    assert table["changed pixels, 16x16 map"]["all"] == pytest.approx(0.563, abs=5e-4)
+    assert table["ground truth, 16x16 map"]["all"] == pytest.approx(0.953, abs=5e-4)
+    assert table["changed pixels, 16x16 map"]["all"] < 0.65 < table["ground truth, 16x16 map"]["all"]
