@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffedit.io.pictures import mask_to_pil  # noqa: E402
 from diffedit.research.metrics import mask_iou  # noqa: E402
+from diffedit.settings import DEFAULT  # noqa: E402
+from diffedit.shapes.check import _grow  # noqa: E402
 from diffedit.shapes.scene import object_masks  # noqa: E402
 from diffedit.shapes.world import Edit, heldout_edits  # noqa: E402
 
@@ -36,14 +39,11 @@ def changed_pixels(edit: Edit) -> np.ndarray:
 
 
 def through_latent_map(mask: np.ndarray, cells: int) -> np.ndarray:
-    """`mask` as the best `cells` x `cells` soft map sees it, brought back to pixels the pipeline's way."""
+    """`mask` as the best `cells` x `cells` soft map sees it (area mean), brought back to pixels by
+    the pipeline's own `mask_to_pil` at the default threshold."""
     soft = F.interpolate(torch.tensor(mask, dtype=torch.float32)[None, None], size=(cells, cells), mode="area")
-    return (F.interpolate(soft, size=mask.shape, mode="bilinear", align_corners=False)[0, 0] >= 0.5).numpy()
-
-
-def grown(mask: np.ndarray, pixels: int) -> np.ndarray:
-    t = torch.tensor(mask, dtype=torch.float32)[None, None]
-    return (F.max_pool2d(t, 2 * pixels + 1, 1, pixels)[0, 0] > 0).numpy()
+    height, width = mask.shape
+    return np.asarray(mask_to_pil(soft[0, 0], (width, height), threshold=DEFAULT["threshold"])) >= 128
 
 
 def bounds(edits: list[Edit], cells: int) -> dict[str, dict[str, float]]:
@@ -75,7 +75,7 @@ def false_positives(edits: list[Edit], model: str) -> dict[str, np.ndarray]:
         objects = object_masks(edit.source)
         others = np.delete(objects, edit.object_index, axis=0).any(axis=0)
         outside = predicted & ~edit.edit_mask
-        near = grown(edit.edit_mask, 2)
+        near = _grow(edit.edit_mask, 2)
         counts[edit.kind] += [outside.sum(), (outside & near).sum(), (outside & others & ~near).sum(),
                               (outside & ~near & ~others).sum(), predicted.sum()]
     return counts
