@@ -81,10 +81,16 @@ def false_positives(edits: list[Edit], model: str) -> dict[str, np.ndarray]:
     return counts
 
 
+def positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--edits", type=int, default=50, help="held-out edits (the first N; eval's default: 50)")
-    parser.add_argument("--cells", type=int, default=16, help="side of the latent map (the embedded model: 16)")
+    parser.add_argument("--edits", type=positive, default=50, help="held-out edits (the first N; eval's default: 50)")
+    parser.add_argument("--cells", type=positive, default=16, help="side of the latent map (the embedded model: 16)")
     parser.add_argument("--model", help="also analyse this model's masks (e.g. weights/shapes-64)")
     args = parser.parse_args(argv)
     edits = heldout_edits(args.edits)

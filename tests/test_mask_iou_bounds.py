@@ -65,3 +65,10 @@ def test_false_positives_of_a_model_are_split_without_overlap(edits):
     for outside, near, on_others, elsewhere, predicted in counts.values():
         assert predicted > 0 and 0 <= outside <= predicted
         assert near + on_others + elsewhere == outside
+
+
+@pytest.mark.parametrize("argument", [["--edits", "0"], ["--cells", "-3"], ["--edits", "x"]])
+def test_bad_counts_are_one_sentence_and_status_2(argument, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bounds_script.main(argument)
+    assert stop.value.code == 2 and "is not a whole number of at least 1" in capsys.readouterr().err
