@@ -32,6 +32,7 @@ from diffedit.io.pictures import latent_mask_of, mask_to_pil
 from diffedit.mask_maps import maps_of_difference
 from diffedit.models import host_memory, packed_conv, packed_linear
 from diffedit.models.vae import decode_sliced, encode_sliced
+from diffedit.models.unet import text_projections_reused
 from diffedit.results import (
     DiffEditResult,
     EditResult,
@@ -232,12 +233,13 @@ class DiffEditPipeline:
         if guidance_scale != 1.0 and (source_negative_prompt, target_negative_prompt) != (None, None):
             uncond = [self.encode_prompt(prompts(negative if negative is not None else "", B, "negative prompt"))
                       for negative in (source_negative_prompt, target_negative_prompt)]
-        difference, per_sample = method.mask_difference(
-            self.predict_noise, self.scheduler, x0, method.NoiseStream((B, n, *x0.shape[1:]), generator, x0.device,
-                                                                       noise), n, t,
-            self.encode_prompt(sources), self.encode_prompt(targets), uncond[0], uncond[1], guidance_scale, chunk_size,
-            n <= PER_SAMPLE_UP_TO if return_per_sample is None else return_per_sample,
-            check=lambda eps: check_finite(eps, f"the mask's noise predictions (t={int(t)})", self.dtype))
+        with text_projections_reused(self.unet):
+            difference, per_sample = method.mask_difference(
+                self.predict_noise, self.scheduler, x0, method.NoiseStream((B, n, *x0.shape[1:]), generator, x0.device,
+                                                                           noise), n, t,
+                self.encode_prompt(sources), self.encode_prompt(targets), uncond[0], uncond[1], guidance_scale, chunk_size,
+                n <= PER_SAMPLE_UP_TO if return_per_sample is None else return_per_sample,
+                check=lambda eps: check_finite(eps, f"the mask's noise predictions (t={int(t)})", self.dtype))
         maps = maps_of_difference(difference, normalization, threshold, clamp_std, mean_ratio, blur, dilate)
         soft = maps.soft
         return MaskResult(
@@ -266,9 +268,10 @@ class DiffEditPipeline:
         negatives = prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt")
         pairs = self.scheduler.inverse_pairs(num_inference_steps, strength)
         uncond = self.encode_prompt(negatives) if guidance_scale != 1.0 else None
-        latents = method.ddim_invert(self.predict_noise, self.scheduler, encoded.latents, pairs,
-                                     self.encode_prompt(texts), uncond, guidance_scale,
-                                     callback=_finite_callback(self.dtype, callback))
+        with text_projections_reused(self.unet):
+            latents = method.ddim_invert(self.predict_noise, self.scheduler, encoded.latents, pairs,
+                                         self.encode_prompt(texts), uncond, guidance_scale,
+                                         callback=_finite_callback(self.dtype, callback))
         return Inversion(latents=torch.stack(latents, dim=1), timesteps=[int(t) for _, t in pairs],
                          num_inference_steps=num_inference_steps, strength=strength, prompt=texts,
                          guidance_scale=guidance_scale, negative_prompt=negatives if uncond is not None else None,
@@ -312,9 +315,10 @@ class DiffEditPipeline:
                 return self.scheduler.add_noise(x0, fresh, t)
         y = reference(pairs[0][0])
         uncond = self.encode_prompt(negatives) if guidance_scale != 1.0 else None
-        y = method.masked_ddim_decode(self.predict_noise, self.scheduler, y, pairs, self.encode_prompt(texts),
-                                      uncond, guidance_scale, latent_mask, reference, x0, blend, eta, generator,
-                                      callback=_finite_trace(self.dtype, callback))
+        with text_projections_reused(self.unet):
+            y = method.masked_ddim_decode(self.predict_noise, self.scheduler, y, pairs, self.encode_prompt(texts),
+                                          uncond, guidance_scale, latent_mask, reference, x0, blend, eta, generator,
+                                          callback=_finite_trace(self.dtype, callback))
         pixels = self.decode_latents(y)
         images = [restore(pixels[b], g) for b, g in enumerate(encoded.geometry)]
         settings = dict(strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, blend=blend,
