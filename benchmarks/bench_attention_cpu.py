@@ -19,6 +19,8 @@ Every variant takes q, k, v as the UNet hands them over, (B, N, heads * d), and 
 - blocks-bf16     query blocks of 256 rows on bf16 inputs: bf16 matmuls (oneDNN), softmax in fp32
 - kernel-bf16     diffedit's fused C kernel (kernels/cpu_attention.c) on bf16 inputs: what the bf16
                   pipeline runs on CPUs with AVX512-BF16 (elsewhere its portable path: slow)
+- kernel-fp32     diffedit's fused fp32 C kernel (kernels/cpu_attention_fp32.c): what the fp32
+                  pipeline runs where torch's CPU kernels are AVX2 ones (AVX2 + FMA path; else portable)
 
 Each is warmed up once, then timed `repeats` times in rotating order; the table gives medians,
 effective GFLOP/s (4 B h Nq Nk d per call) and the max abs error against fp32 SDPA.
@@ -118,6 +120,11 @@ def kernel_bf16(q, k, v, heads):
     return cpu_attention.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads).float()
 
 
+def kernel_fp32(q, k, v, heads):
+    from diffedit.kernels import cpu_attention
+    return cpu_attention.attention(q, k, v, heads)
+
+
 VARIANTS = {
     "sdpa": sdpa,
     "sdpa-contig": sdpa_contig,
@@ -128,6 +135,7 @@ VARIANTS = {
     "sdpa-bf16": sdpa_bf16,
     "blocks-bf16": blocks_bf16,
     "kernel-bf16": kernel_bf16,
+    "kernel-fp32": kernel_fp32,
 }
 
 

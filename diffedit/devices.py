@@ -137,16 +137,17 @@ def choose_kernel(kind: str, operands: tuple, requested: str | None = None) -> M
 
 
 def _cpu_attention_kernel(operands: tuple, forced: bool) -> ModuleType | None:
-    """diffedit.kernels.cpu_attention if it serves `operands`: under "auto" only where its AVX512-BF16
-    path builds (elsewhere bf16 is emulated and torch is the faster choice); `forced` ("cpu") raises."""
+    """diffedit.kernels.cpu_attention if it serves `operands`: under "auto" only where its rule chooses
+    it (`chosen`: bf16 on AVX512-BF16, fp32 on AVX2-only CPUs, where it was measured faster than
+    torch's SDPA); `forced` ("cpu") raises."""
     from diffedit.kernels import cpu_attention as kernel
 
     try:
         kernel.check_inputs(*operands)
         if forced:
-            kernel.library()
+            kernel.library(operands[0].dtype)
             return kernel
-        return kernel if kernel.fast() else None
+        return kernel if kernel.chosen(operands[0].dtype) else None
     except (TypeError, ValueError, RuntimeError) as error:
         if not forced:
             return None

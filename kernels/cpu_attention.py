@@ -1,17 +1,23 @@
-"""Fused bf16 attention on the CPU: the C kernel of cpu_attention.c, built on first use.
+"""Fused attention on the CPU: the C kernels of cpu_attention.c (bf16) and cpu_attention_fp32.c
+(fp32), each built on first use.
 
-Why and how (algorithm, register tiles, memory traffic): the comment at the top of
-cpu_attention.c. In short, softmax(q k^T * scale) v per head, with both products on VDPBF16PS
-(AVX512-BF16) and the softmax of an 8-row block held in the core's caches, where torch's CPU
-`scaled_dot_product_attention` reaches 14-25 % of a native-bf16 machine's peak at SD's head dims.
+Why and how (algorithm, register tiles, memory traffic): the comments at the top of the two C
+files. In short, softmax(q k^T * scale) v per head, both products in register tiles (bf16:
+VDPBF16PS on AVX512-BF16; fp32: FMA on AVX2) and the softmax of a block of rows held in the core's
+caches, where torch's CPU `scaled_dot_product_attention` reaches 14-25 % of a native-bf16 machine's
+peak at SD's head dims in bf16, and 30-55 % of an AVX2 machine's in fp32.
 
 Build: the system's C compiler ($CC, else `cc`) with -O3 -march=native -fopenmp (without -fopenmp
 if the compiler has no OpenMP: then one thread), once per source, compiler, flags and CPU kind,
 into a shared library cached under $DIFFEDIT_CACHE (else $XDG_CACHE_HOME/diffedit, else
 ~/.cache/diffedit); written to a temporary name and renamed, so concurrent processes never load a
-half-written file. Loaded after torch, it shares torch's OpenMP runtime and threads. On a CPU without AVX512-BF16 the same source compiles its portable C
-path (`path()` says which), correct but slow: diffedit's "auto" rule uses this kernel only where
-the fast path is built (`fast()`), and the tests run whichever path the machine has.
+half-written file. Loaded after torch, it shares torch's OpenMP runtime and threads. On a CPU
+without the fast path's instructions (AVX512-BF16 for bf16, AVX2 and FMA for fp32) the same source
+compiles its portable C path (`path(dtype)` says which), correct but slow. diffedit's "auto" rule
+(`chosen(dtype)`) takes the kernel where it was measured faster than torch's SDPA: bf16 where the
+AVX512-BF16 path builds; fp32 where the AVX2 path builds and torch's own CPU kernels are AVX2 ones
+(no AVX-512: measured on an AMD Zen 2; on AVX-512 CPUs fp32 stays torch's until measured there).
+The tests run whichever paths the machine has.
 
 Tensors in, tensors out: this file imports nothing of diffedit.
 """
@@ -29,14 +35,18 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+SOURCES = {torch.bfloat16: Path(__file__).with_name("cpu_attention.c"),
+           torch.float32: Path(__file__).with_name("cpu_attention_fp32.c")}
+SOURCE = SOURCES[torch.bfloat16]
+FAST_PATHS = {torch.bfloat16: "avx512_bf16", torch.float32: "avx2_fma"}  # kernel_path() of each fast build
+ENTRIES = {torch.bfloat16: "attention_bf16", torch.float32: "attention_fp32"}
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 SERIAL_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")   # where the compiler has no OpenMP: one thread
 PROFILER_NAME = "diffedit::cpu_attention"
 
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
+_libraries: dict[torch.dtype, ctypes.CDLL] = {}
+_failures: dict[torch.dtype, str] = {}
 
 
 def _cpu_kind() -> str:
@@ -56,29 +66,30 @@ def cache_dir() -> Path:
     return Path(base) / "diffedit" / "kernels"
 
 
-def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile (or find in the cache) and load the kernel; `extra_flags` e.g. ("-DPORTABLE_ONLY",)
-    builds the portable path on a machine that has the fast one (the tests run both)."""
+def build(extra_flags: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the kernel for `dtype`; `extra_flags` e.g.
+    ("-DPORTABLE_ONLY",) builds the portable path on a machine that has the fast one (the tests run both)."""
     compiler = os.environ.get("CC", "cc")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         raise RuntimeError(f"no C compiler ({compiler!r}) to build the CPU attention kernel") from None
     try:
-        return _compiled(compiler, version, FLAGS + tuple(extra_flags))
+        return _compiled(compiler, version, FLAGS + tuple(extra_flags), dtype)
     except RuntimeError:
-        return _compiled(compiler, version, SERIAL_FLAGS + tuple(extra_flags))
+        return _compiled(compiler, version, SERIAL_FLAGS + tuple(extra_flags), dtype)
 
 
-def _compiled(compiler: str, version: str, flags: tuple[str, ...]) -> ctypes.CDLL:
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_kind()]).encode()).hexdigest()
-    target = cache_dir() / f"cpu_attention-{key[:16]}.so"
+def _compiled(compiler: str, version: str, flags: tuple[str, ...], dtype: torch.dtype) -> ctypes.CDLL:
+    source = SOURCES[dtype]
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, *flags, _cpu_kind()]).encode()).hexdigest()
+    target = cache_dir() / f"{source.stem}-{key[:16]}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
+            done = subprocess.run([compiler, *flags, str(source), "-o", partial], capture_output=True, text=True,
                                   timeout=300)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no message"])[-1]
@@ -89,51 +100,61 @@ def _compiled(compiler: str, version: str, flags: tuple[str, ...]) -> ctypes.CDL
                 os.unlink(partial)
     library = ctypes.CDLL(str(target))
     library.kernel_path.restype = ctypes.c_char_p
-    library.attention_bf16.restype = ctypes.c_int
-    library.attention_bf16.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 8 + [ctypes.c_int] * 5
-                                       + [ctypes.c_float, ctypes.c_int])
+    entry = getattr(library, ENTRIES[dtype])
+    entry.restype = ctypes.c_int
+    entry.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 8 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
     return library
 
 
-def library() -> ctypes.CDLL:
-    """The built kernel (built once per process at first use); RuntimeError when it cannot be built."""
-    global _library, _failure
+def library(dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL:
+    """The built kernel for `dtype` (built once per process at first use); RuntimeError when it cannot be built."""
     with _lock:
-        if _library is None and _failure is None:
+        if dtype not in _libraries and dtype not in _failures:
             try:
-                _library = build()
+                _libraries[dtype] = build(dtype=dtype)
             except (RuntimeError, OSError) as error:
-                _failure = str(error)
-        if _library is None:
-            raise RuntimeError(_failure)
-        return _library
+                _failures[dtype] = str(error)
+        if dtype not in _libraries:
+            raise RuntimeError(_failures[dtype])
+        return _libraries[dtype]
 
 
 @functools.cache  # asked on every attention call under "auto": once the library is loaded, it is fixed
-def path() -> str:
-    """"avx512_bf16" (the fast path) or "portable" (plain C), as built for this CPU."""
-    return library().kernel_path().decode()
+def path(dtype: torch.dtype = torch.bfloat16) -> str:
+    """"avx512_bf16" / "avx2_fma" (the fast path of `dtype`) or "portable" (plain C), as built for this CPU."""
+    return library(dtype).kernel_path().decode()
 
 
-def fast() -> bool:
-    """True when the kernel builds here with its AVX512-BF16 path."""
+def fast(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when the kernel for `dtype` builds here with its fast path."""
     try:
-        return path() == "avx512_bf16"
+        return path(dtype) == FAST_PATHS[dtype]
     except RuntimeError:
         return False
 
 
+@functools.cache
+def chosen(dtype: torch.dtype) -> bool:
+    """diffedit's "auto" rule, fixed per machine kind: the kernel where it was measured faster than
+    torch's SDPA (module docstring): bf16 on its AVX512-BF16 path; fp32 on its AVX2 path where torch's
+    CPU kernels are AVX2 too."""
+    if dtype == torch.float32:
+        return fast(dtype) and torch.backends.cpu.get_cpu_capability() == "AVX2"
+    return dtype == torch.bfloat16 and fast(dtype)
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> None:
     """One-sentence TypeError / ValueError for what the kernel cannot serve (cheap: builds nothing)."""
-    if upcast:
-        raise ValueError("the CPU attention kernel computes in bf16 with fp32 sums; upcast (fp32) attention "
-                         "goes to torch")
     if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
         raise TypeError("q, k and v must be tensors")
     if any(x.device.type != "cpu" for x in (q, k, v)):
         raise ValueError("the CPU attention kernel takes CPU tensors only")
-    if any(x.dtype != torch.bfloat16 for x in (q, k, v)):
-        raise ValueError(f"the CPU attention kernel takes bf16 only, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SOURCES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"the CPU attention kernel takes bf16 or fp32 (all three alike), got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if upcast and q.dtype != torch.float32:
+        raise ValueError("the CPU attention kernel computes bf16 attention with fp32 sums, not upcast (fp32) "
+                         "attention of bf16 inputs: that goes to torch")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise ValueError("the CPU attention kernel has no backward pass; it serves inference only")
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
@@ -148,17 +169,20 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False,
               built: ctypes.CDLL | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v per head. q: (B, Nq, heads*d), k and v: (B, Nk, heads*d), bf16 -> bf16.
+    """softmax(q k^T / sqrt(d)) v per head. q: (B, Nq, heads*d), k and v: (B, Nk, heads*d), bf16 -> bf16
+    or fp32 -> fp32.
 
-    `upcast` (SD 2's fp32 attention) is not this kernel's arithmetic: the caller sends it to torch.
-    `built`: a library from `build` instead of this process's `library()`."""
+    `upcast` (SD 2's fp32 attention) changes nothing in fp32; of bf16 inputs it is not this kernel's
+    arithmetic, and the caller sends it to torch. `built`: a library from `build` (for this dtype)
+    instead of this process's `library(dtype)`."""
     check_inputs(q, k, v, heads, upcast)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, queries, channels = q.shape
     head_dim = channels // heads
-    out = torch.empty(batch, queries, channels, dtype=torch.bfloat16)
+    out = torch.empty(batch, queries, channels, dtype=q.dtype)
+    entry = getattr(built or library(q.dtype), ENTRIES[q.dtype])
     with torch.profiler.record_function(PROFILER_NAME):  # so that torch.profiler sees the C call
-        status = (built or library()).attention_bf16(
+        status = entry(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             batch, heads, queries, k.shape[1], head_dim, head_dim ** -0.5, torch.get_num_threads())

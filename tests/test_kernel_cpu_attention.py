@@ -81,9 +81,11 @@ def test_peaked_softmax_and_large_scores():
 
 
 @torch.no_grad()
-def test_same_bits_for_every_thread_count():
-    """Each output element is computed by one thread in one order: 1, 2 or 3 threads give the same bits."""
-    q, k, v = qkv(2, 3, 45, 70, 40, seed=2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_same_bits_for_every_thread_count(dtype):
+    """Each output element is computed by one thread in one order: 1, 2 or 3 threads give the same bits
+    (the bf16 kernel and the fp32 one, cpu_attention_fp32.c)."""
+    q, k, v = (x.to(dtype) for x in qkv(2, 3, 45, 70, 40, seed=2))
     threads = torch.get_num_threads()
     try:
         outs = []
@@ -114,7 +116,8 @@ def test_strided_views_read_in_place():
 def test_refuses_in_one_sentence_what_it_cannot_serve():
     q, k, v = qkv(1, 2, 4, 4, 8)
     cases = [
-        ((q.float(), k, v, 2), ValueError, "bf16 only"),
+        ((q.float(), k, v, 2), ValueError, r"bf16 or fp32 \(all three alike\)"),
+        ((q.half(), k.half(), v.half(), 2), ValueError, r"bf16 or fp32 \(all three alike\), got torch.float16"),
         ((q, k, v, 3), ValueError, "do not split into 3 heads"),
         ((q, k[:, :2], v, 2), ValueError, "shapes do not match"),
         ((q, k[:, :0], v[:, :0], 2), ValueError, "zero keys"),
@@ -133,21 +136,24 @@ def test_refuses_in_one_sentence_what_it_cannot_serve():
 
 # ---------------------------------------------------------------------- the rule that chooses it
 
-def test_auto_chooses_the_kernel_only_for_fast_bf16_inference(monkeypatch):
+def test_auto_chooses_the_kernel_only_for_fast_inference(monkeypatch):
     monkeypatch.delenv("DIFFEDIT_ATTENTION", raising=False)
     q, k, v = qkv(1, 2, 8, 8, 8)
     with torch.no_grad():
         assert choose_kernel("attention", (q, k, v, 2)) is (kernel if kernel.fast() else None)
-        assert choose_kernel("attention", (q.float(), k.float(), v.float(), 2)) is None   # fp32: torch's SDPA
+        expect_fp32 = kernel if kernel.chosen(torch.float32) else None                  # fp32: AVX2-only CPUs
+        assert choose_kernel("attention", (q.float(), k.float(), v.float(), 2)) is expect_fp32
+        assert choose_kernel("attention", (q.half(), k.half(), v.half(), 2)) is None
     qg = q.float().requires_grad_().bfloat16()
     assert choose_kernel("attention", (qg, k, v, 2)) is None                              # training: torch
     monkeypatch.setenv("DIFFEDIT_ATTENTION", "torch")
     assert choose_kernel("attention", (q, k, v, 2)) is None
     monkeypatch.setenv("DIFFEDIT_ATTENTION", "cpu")                                       # forced: any path
     assert choose_kernel("attention", (q, k, v, 2)) is kernel
-    with pytest.raises(ParameterError, match="^the CPU attention kernel cannot serve these tensors: .*bf16 only.*; "
+    assert choose_kernel("attention", (q.float(), k.float(), v.float(), 2)) is kernel
+    with pytest.raises(ParameterError, match="^the CPU attention kernel cannot serve these tensors: .*bf16 or fp32.*; "
                                              "choose 'torch' or 'auto'"):
-        choose_kernel("attention", (q.float(), k.float(), v.float(), 2))
+        choose_kernel("attention", (q.half(), k.half(), v.half(), 2))
     with pytest.raises(ParameterError, match="unknown mask backend 'cpu'"):
         choose_kernel("mask", (q,), "cpu")
 
@@ -169,7 +175,8 @@ def test_model_attention_routes_by_rule(monkeypatch):
         attention_module.attention(q, k, v, heads=4, upcast=True)
     monkeypatch.delenv("DIFFEDIT_ATTENTION")
     assert torch.equal(attention_module.attention(q, k, v, heads=4, upcast=True), expect_upcast)  # auto: torch
-    assert attention_module.backend_name(torch.float32) == "torch"
+    assert attention_module.backend_name(torch.float32) == ("cpu kernel (avx2_fma)" if kernel.chosen(torch.float32)
+                                                            else "torch")
     assert attention_module.backend_name(torch.bfloat16) == ("cpu kernel (avx512_bf16)" if kernel.fast() else "torch")
 
 

@@ -3,13 +3,14 @@
 softmax(q k^T * scale) v over heads, with q, k, v given as (batch, tokens, heads * head_dim).
 Three backends, chosen per call by `diffedit.devices.choose_kernel`: torch's
 `scaled_dot_product_attention`; on CUDA with Triton installed, the fused kernel of
-`diffedit.kernels.attention`; for bf16 inference on CPUs with AVX512-BF16, the fused C kernel of
-`diffedit.kernels.cpu_attention`. The choice is the one given to `set_attention_backend`, else the
-environment variable DIFFEDIT_ATTENTION: "auto" (default: Triton for CUDA tensors when it is
-installed, the CPU kernel where its AVX512-BF16 path builds, torch elsewhere), "torch", "triton"
-or "cpu" (the last two raise on tensors the kernel cannot serve instead of silently falling back).
-The text encoder's causal attention is always torch's; the CPU kernel leaves SD 2's fp32 (`upcast`)
-attention to torch too.
+`diffedit.kernels.attention`; for inference on the CPU, the fused C kernels of
+`diffedit.kernels.cpu_attention` (bf16 on CPUs with AVX512-BF16, fp32 on CPUs whose widest vectors
+are AVX2). The choice is the one given to `set_attention_backend`, else the environment variable
+DIFFEDIT_ATTENTION: "auto" (default: Triton for CUDA tensors when it is installed, the CPU kernel
+where its rule chooses it, torch elsewhere), "torch", "triton" or "cpu" (the last two raise on
+tensors the kernel cannot serve instead of silently falling back). The text encoder's causal
+attention is always torch's; the CPU kernel leaves SD 2's `upcast` attention of bf16 inputs to
+torch too (in fp32 upcasting changes nothing).
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
 
 def backend_name(dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
     """What serves the model's (non-causal) attention for tensors of this dtype and device under the
-    current choice: "torch", "triton" or "cpu kernel (avx512_bf16)" / "cpu kernel (portable)"."""
+    current choice: "torch", "triton" or "cpu kernel (avx512_bf16 | avx2_fma | portable)"."""
     probe = torch.zeros(1, 1, 8, dtype=dtype, device=device)
     kernel = choose_kernel("attention", (probe, probe, probe, 1), _backend_override)
     if kernel is None:
         return "torch"
     if kernel.__name__.endswith("cpu_attention"):
-        return f"cpu kernel ({kernel.path()})"
+        return f"cpu kernel ({kernel.path(dtype)})"
     return "triton"
