@@ -37,7 +37,6 @@ import torch
 
 SOURCES = {torch.bfloat16: Path(__file__).with_name("cpu_attention.c"),
            torch.float32: Path(__file__).with_name("cpu_attention_fp32.c")}
-SOURCE = SOURCES[torch.bfloat16]
 FAST_PATHS = {torch.bfloat16: "avx512_bf16", torch.float32: "avx2_fma"}  # kernel_path() of each fast build
 ENTRIES = {torch.bfloat16: "attention_bf16", torch.float32: "attention_fp32"}
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")

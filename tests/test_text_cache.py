@@ -84,7 +84,16 @@ def test_a_changed_text_is_projected_again():
 @torch.no_grad()
 def test_weights_changed_in_place_or_replaced_are_seen():
     model, (x, t, text) = reusing(unet()), inputs()
-    model(x, t, text)
+    first = model(x, t, text)
+    layer = text_attentions(model)[0]
+    replacement = torch.nn.Parameter(layer.to_v.weight.detach() * 2)  # another tensor, brought to the same version
+    with torch.no_grad():
+        while replacement._version < layer.to_v.weight._version:
+            replacement.mul_(1.0)
+    assert replacement._version == layer.to_v.weight._version
+    layer.to_v.weight = replacement
+    assert torch.equal(model(x, t, text), fresh(model, x, t, text))
+    assert not torch.equal(model(x, t, text), first)
     text_attentions(model)[0].to_v.weight.add_(0.5)  # e.g. an optimizer step between two no_grad samplings
     changed = model(x, t, text)
     assert torch.equal(changed, fresh(model, x, t, text))

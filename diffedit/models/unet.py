@@ -42,7 +42,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.reuse_text = False               # set by text_projections_reused
-        self.text_cache: tuple | None = None  # (weights and versions, text, k, v) of the last text seen
+        self.text_cache: tuple | None = None  # (weights and their versions, text, k, v) of the last text seen
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
@@ -56,14 +56,12 @@ class Attention(nn.Module):
         if not self.reuse_text or (torch.is_grad_enabled() and any(t.requires_grad for t in (context, *weights))):
             self.text_cache = None
             return self.to_k(context), self.to_v(context)
-        key = tuple((w, _version(w)) for w in weights)
+        state = [(w, _version(w)) for w in weights]  # which weight tensors, at which version
         cached = self.text_cache
-        if (cached is not None and None not in (version for _, version in key)
-                and all(w is c and version == c_version for (w, version), (c, c_version) in zip(key, cached[0]))
-                and _same_tensor_values(cached[1], context)):
+        if cached is not None and _same_weights(cached[0], state) and _same_tensor_values(cached[1], context):
             return cached[2], cached[3]
         k, v = self.to_k(context), self.to_v(context)
-        self.text_cache = (key, context.clone(), k, v)
+        self.text_cache = (state, context.clone(), k, v)
         return k, v
 
 
@@ -95,6 +93,12 @@ def _version(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:
         return None
+
+
+def _same_weights(kept: list, now: list) -> bool:
+    """The same tensors at the same versions (a weight without a version counter never counts as the same)."""
+    return all(w is kept_w and version is not None and version == kept_version
+               for (w, version), (kept_w, kept_version) in zip(now, kept))
 
 
 def _same_tensor_values(a: torch.Tensor, b: torch.Tensor) -> bool:
