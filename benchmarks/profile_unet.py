@@ -8,7 +8,7 @@ floor figure. A profiling script, not a test.
     python benchmarks/profile_unet.py --quick          # the tiny reference model: checks the script
 
 It first measures the machine's peak: the best of the candidate GEMMs (torch's matmul, i.e. its
-BLAS, and oneDNN's linear with a prepacked weight) on a 2048^3 problem in the profiled dtype,
+BLAS, oneDNN's linear with a prepacked weight and, where "auto" takes it, diffedit's fp32 linear kernel) on a 2048^3 problem in the profiled dtype,
 and, where /proc/cpuinfo tells the clock and the vector width, the theoretical FMA peak
 (threads x clock x 2 FMA units x lanes x 2; a core running above the reported clock beats it). It
 then loads the model as the pipeline does (3x3 convolutions packed on the CPU, linear layers on
@@ -43,7 +43,8 @@ from bench_pipeline import cpu_name, ensure_model, model_folder  # noqa: E402
 
 from diffedit.models.packed_conv import PackedConv2d  # noqa: E402
 from diffedit.models.attention import backend_name  # noqa: E402
-from diffedit.models.packed_linear import PackedLinear, backend_of  # noqa: E402
+from diffedit.kernels import cpu_linear  # noqa: E402
+from diffedit.models.packed_linear import BACKENDS as BACKENDS_OF_LINEAR, PackedLinear, backend_of  # noqa: E402
 from diffedit.pipeline import DiffEditPipeline  # noqa: E402
 from diffedit.models.unet import Attention  # noqa: E402
 from diffedit.models.vae import SelfAttention  # noqa: E402
@@ -52,7 +53,7 @@ KINDS = {  # profiler op name -> kind (anything else: "rest")
     "mkldnn::_convolution_pointwise": "conv 3x3", "aten::mkldnn_convolution": "conv 1x1",
     "aten::addmm": "linear", "aten::mm": "linear", "mkldnn::_linear_pointwise": "linear", "aten::bmm": "attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "diffedit::cpu_attention": "attention",
-    "aten::native_group_norm": "norm", "aten::native_layer_norm": "norm",
+    "diffedit::cpu_linear": "linear", "aten::native_group_norm": "norm", "aten::native_layer_norm": "norm",
     "aten::silu": "element-wise", "aten::gelu": "element-wise", "aten::add": "element-wise",
     "aten::mul": "element-wise", "aten::copy_": "element-wise", "aten::cat": "element-wise",
     "aten::upsample_nearest2d": "element-wise",
@@ -62,7 +63,7 @@ BACKENDS = {  # profiler op name -> the library that ran it
     "aten::addmm": "torch matmul", "aten::mm": "torch matmul", "aten::bmm": "torch matmul",
     "mkldnn::_linear_pointwise": "oneDNN, prepacked",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "torch SDPA (flash, CPU)",
-    "diffedit::cpu_attention": "diffedit's fused C kernel",
+    "diffedit::cpu_attention": "diffedit's fused C kernel", "diffedit::cpu_linear": "diffedit's C kernel",
 }
 
 
@@ -74,6 +75,9 @@ def matmul_peaks(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> dict[st
     if torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
         candidates["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    if dtype == torch.float32 and cpu_linear.chosen():
+        panels = cpu_linear.pack(b.t().contiguous())
+        candidates["diffedit linear"] = lambda: cpu_linear.linear(a, panels)
     times: dict[str, list] = defaultdict(list)
     with torch.inference_mode():
         for fn in candidates.values():
@@ -183,7 +187,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3, help="timed and profiled calls (after one warm-up)")
     parser.add_argument("--quick", action="store_true", help="tiny reference model, 32 px")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's dtype")
-    parser.add_argument("--linear", choices=("auto", "torch", "onednn"), default=None,
+    parser.add_argument("--linear", choices=BACKENDS_OF_LINEAR, default=None,
                         help="backend of the linear layers (default: DIFFEDIT_CPU_LINEAR, else auto)")
     parser.add_argument("--cache", default=None, help="model folder, built there if missing "
                         "(default /tmp/sd15-random; --quick: /tmp/tiny-random)")

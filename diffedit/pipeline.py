@@ -86,7 +86,7 @@ class DiffEditPipeline:
         (in bf16 the 1x1 ones too) keep their weights in oneDNN's layout (models/packed_conv.py:
         same results up to rounding, faster; figures in the README); pack_convolutions=False keeps
         plain `nn.Conv2d`s. The linear layers of all three models run on `linear_backend` ("auto",
-        "torch", "onednn"; None: the DIFFEDIT_CPU_LINEAR variable, else "auto";
+        "torch", "onednn", "kernel"; None: the DIFFEDIT_CPU_LINEAR variable, else "auto";
         models/packed_linear.py)."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
@@ -103,9 +103,9 @@ class DiffEditPipeline:
                 one_by_one = dtype == torch.bfloat16  # 1x1 too: faster in bf16 only (packed_conv.py)
                 packed_conv.pack_convolutions(model.unet, one_by_one)
                 packed_conv.pack_convolutions(model.vae, one_by_one)
-            if linear == "onednn":
+            if linear != "torch":
                 for network in (model.unet, model.vae, model.text_encoder):
-                    packed_linear.pack_linears(network)
+                    packed_linear.pack_linears(network, linear)
         host_memory.release_free_heap()
         return cls(model, device, dtype)
 

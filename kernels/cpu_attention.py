@@ -7,11 +7,7 @@ VDPBF16PS on AVX512-BF16; fp32: FMA on AVX2) and the softmax of a block of rows 
 caches, where torch's CPU `scaled_dot_product_attention` reaches 14-25 % of a native-bf16 machine's
 peak at SD's head dims in bf16, and 30-55 % of an AVX2 machine's in fp32.
 
-Build: the system's C compiler ($CC, else `cc`) with -O3 -march=native -fopenmp (without -fopenmp
-if the compiler has no OpenMP: then one thread), once per source, compiler, flags and CPU kind,
-into a shared library cached under $DIFFEDIT_CACHE (else $XDG_CACHE_HOME/diffedit, else
-~/.cache/diffedit); written to a temporary name and renamed, so concurrent processes never load a
-half-written file. Loaded after torch, it shares torch's OpenMP runtime and threads. On a CPU
+Build: once per process, by c_build.py (cached across processes). On a CPU
 without the fast path's instructions (AVX512-BF16 for bf16, AVX2 and FMA for fp32) the same source
 compiles its portable C path (`path(dtype)` says which), correct but slow. diffedit's "auto" rule
 (`chosen(dtype)`) takes the kernel where it was measured faster than torch's SDPA: bf16 where the
@@ -26,21 +22,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from . import c_build
+
 SOURCES = {torch.bfloat16: Path(__file__).with_name("cpu_attention.c"),
            torch.float32: Path(__file__).with_name("cpu_attention_fp32.c")}
 FAST_PATHS = {torch.bfloat16: "avx512_bf16", torch.float32: "avx2_fma"}  # kernel_path() of each fast build
 ENTRIES = {torch.bfloat16: "attention_bf16", torch.float32: "attention_fp32"}
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
-SERIAL_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")   # where the compiler has no OpenMP: one thread
 PROFILER_NAME = "diffedit::cpu_attention"
 
 _lock = threading.Lock()
@@ -48,57 +40,10 @@ _libraries: dict[torch.dtype, ctypes.CDLL] = {}
 _failures: dict[torch.dtype, str] = {}
 
 
-def _cpu_kind() -> str:
-    """Model and flags of the first CPU in /proc/cpuinfo: -march=native code is for this kind only."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-    except OSError:
-        return os.uname().machine
-    keep = ("vendor_id", "cpu family", "model", "model name", "flags")
-    return "\n".join(line for line in lines if line.split(":")[0].strip() in keep)
-
-
-def cache_dir() -> Path:
-    if os.environ.get("DIFFEDIT_CACHE"):
-        return Path(os.environ["DIFFEDIT_CACHE"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "diffedit" / "kernels"
-
-
 def build(extra_flags: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel for `dtype`; `extra_flags` e.g.
     ("-DPORTABLE_ONLY",) builds the portable path on a machine that has the fast one (the tests run both)."""
-    compiler = os.environ.get("CC", "cc")
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        raise RuntimeError(f"no C compiler ({compiler!r}) to build the CPU attention kernel") from None
-    try:
-        return _compiled(compiler, version, FLAGS + tuple(extra_flags), dtype)
-    except RuntimeError:
-        return _compiled(compiler, version, SERIAL_FLAGS + tuple(extra_flags), dtype)
-
-
-def _compiled(compiler: str, version: str, flags: tuple[str, ...], dtype: torch.dtype) -> ctypes.CDLL:
-    source = SOURCES[dtype]
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, *flags, _cpu_kind()]).encode()).hexdigest()
-    target = cache_dir() / f"{source.stem}-{key[:16]}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([compiler, *flags, str(source), "-o", partial], capture_output=True, text=True,
-                                  timeout=300)
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                raise RuntimeError(f"{compiler} could not build the CPU attention kernel: {last}")
-            os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-    library = ctypes.CDLL(str(target))
-    library.kernel_path.restype = ctypes.c_char_p
+    library = c_build.load(SOURCES[dtype], "CPU attention kernel", tuple(extra_flags))
     entry = getattr(library, ENTRIES[dtype])
     entry.restype = ctypes.c_int
     entry.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 8 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]

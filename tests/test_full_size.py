@@ -112,20 +112,32 @@ def test_unet(full, size, timestep):
     compare(f"{full.arch} UNet {size}x{size} t={timestep}", out, full.expected[f"unet{size}/{timestep}"])
 
 
+def linear_backends() -> list[str]:
+    """oneDNN, and diffedit's fp32 kernel where it builds with its fast path (its portable C path
+    would take minutes per UNet call at this size; tests/test_kernel_cpu_linear.py checks it)."""
+    from diffedit.kernels import cpu_linear
+    try:
+        return ["onednn"] + (["kernel"] if cpu_linear.path() == "avx2_fma" else [])
+    except RuntimeError:
+        return ["onednn"]
+
+
 @torch.inference_mode()
-def test_models_with_packed_convolutions_and_linear_layers(full):
+@pytest.mark.parametrize("backend", linear_backends())
+def test_models_with_packed_convolutions_and_linear_layers(full, backend):
     """The pipeline's CPU path (3x3 convolutions packed for oneDNN, diffedit/models/packed_conv.py;
-    every linear layer on oneDNN with a prepacked weight, packed_linear.py) meets the same bar;
-    the models are unpacked again afterwards."""
+    every linear layer packed for oneDNN or for diffedit's kernel, packed_linear.py) meets the same
+    bar; the models are unpacked again afterwards."""
     from diffedit.models.packed_conv import pack_convolutions, unpack_convolutions
-    from diffedit.models.packed_linear import pack_linears, unpack_linears
+    from diffedit.models.packed_linear import backend_of, pack_linears, unpack_linears
     if not torch.backends.mkldnn.is_available():
         pytest.fail("torch was built without oneDNN: the pipeline's CPU path cannot be checked")
     model = full.model
     count = pack_convolutions(model.unet)
-    linears = {name: pack_linears(getattr(model, name)) for name in ("unet", "vae", "text_encoder")}
+    linears = {name: pack_linears(getattr(model, name), backend) for name in ("unet", "vae", "text_encoder")}
     try:
         assert count > 50 and linears["unet"] > 100 and linears["vae"] >= 4 and linears["text_encoder"] > 40
+        assert all(backend_of(getattr(model, name)) == backend for name in linears)
         for size in LATENT_SIZES:
             out = model.unet(full.inputs[f"latents{size}"], TIMESTEPS[-1], full.inputs["context"])
             compare(f"{full.arch} UNet packed {size}x{size} t={TIMESTEPS[-1]}", out,

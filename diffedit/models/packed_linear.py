@@ -5,26 +5,33 @@ chooses its kernels by the CPU's vendor as well as its instruction set: on AMD p
 runs its AVX2 kernels even where the CPU has AVX-512, i.e. vectors half as wide as the machine's.
 oneDNN, which torch also ships (its convolutions run on it), chooses by instruction set alone, and
 its inner-product primitive can take a weight reordered once into its own blocked layout
-("prepacked"), so that no call pays for that reorder again.
+("prepacked"), so that no call pays for that reorder again. On CPUs whose widest vectors are AVX2,
+both libraries run SD's short-K layers at 70-80 % of the machine's peak; diffedit's own fp32
+kernel (kernels/cpu_linear_fp32.c: 6 x 16 FMA register tiles on a weight packed into panels of
+16 columns) runs them at 85-95 %.
 
-`PackedLinear` is an `nn.Linear` whose weight lives in oneDNN's layout: it is packed once, when
-the layer is made, and every inference call is one oneDNN inner product on it. Unlike a
-convolution's (packed_conv.py), this layout does not depend on the number of rows of the input,
-so it is never re-packed when the batch or the image size changes. Parameter count, `state_dict()`
-keys and values (plain layout) are those of `nn.Linear`; results differ from `F.linear` by
-rounding only (another summation order). When autograd is recording for the input, or the input
-has another dtype than the weight, the plain weight is rebuilt and `F.linear` runs (oneDNN's
-fused linear has no backward, and a dtype mismatch gets torch's own error).
+`PackedLinear` is an `nn.Linear` whose weight lives in one of those packed layouts: it is packed
+once, when the layer is made, and every inference call is one oneDNN inner product or one call of
+the kernel on it. Unlike a convolution's (packed_conv.py), neither layout depends on the number of
+rows of the input, so it is never re-packed when the batch or the image size changes. Parameter
+count, `state_dict()` keys and values (plain layout) are those of `nn.Linear`; results differ from
+`F.linear` by rounding only (another summation order). When autograd is recording for the input,
+or the input has another dtype than the kernel or library serves, the plain weight is rebuilt and
+`F.linear` runs (neither has a backward; a dtype mismatch gets torch's own error).
 
 Which backend serves the linear layers (`linear_backend`): the caller's choice, else the
 environment variable DIFFEDIT_CPU_LINEAR, else "auto":
 
 - "torch": plain `nn.Linear` (torch's default: MKL in fp32, oneDNN in bf16 on CPUs with AVX-512);
-- "onednn": `PackedLinear`, or ParameterError if oneDNN cannot serve the device and dtype;
+- "onednn": `PackedLinear` on oneDNN, or ParameterError if oneDNN cannot serve the device and dtype;
+- "kernel": `PackedLinear` on diffedit's fp32 kernel (layers whose output width is not a multiple
+  of 16 on oneDNN), or ParameterError if it cannot serve the device and dtype; where the kernel
+  builds only its portable C path, forcing it runs that (correct, slow);
 - "auto": a fixed rule from the CPU's capabilities, never a timing race, so that a run repeats
-  bit for bit on a machine of the same kind: "onednn" on an x86 CPU with oneDNN in fp32, and in
-  bf16 where the CPU runs bf16 natively (devices.cpu_has_fast_bf16); "torch" everywhere else
-  (GPUs, other architectures, emulated bf16). The rule was validated with
+  bit for bit on a machine of the same kind: "kernel" in fp32 where its AVX2 path builds and
+  torch's CPU capability is AVX2 (kernels/cpu_linear.py: `chosen`); else "onednn" on an x86 CPU
+  with oneDNN in fp32, and in bf16 where the CPU runs bf16 natively (devices.cpu_has_fast_bf16);
+  "torch" everywhere else (GPUs, other architectures, emulated bf16). The rule was validated with
   benchmarks/bench_linear_cpu.py (figures and CPUs: README, "Speed on the CPU").
 """
 
@@ -38,11 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffedit import devices
+from diffedit.kernels import cpu_linear
 from diffedit.errors import ParameterError
 from diffedit.models.packed_conv import replace_children
 
 VARIABLE = "DIFFEDIT_CPU_LINEAR"
-BACKENDS = ("auto", "torch", "onednn")
+BACKENDS = ("auto", "torch", "onednn", "kernel")
 
 
 def onednn_problem(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -58,37 +66,60 @@ def onednn_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why diffedit's linear kernel cannot serve `device` in `dtype`, or None when it can."""
+    if device.type != "cpu":
+        return f"the linear kernel serves the CPU only, not {device.type}"
+    if dtype != torch.float32:
+        return f"the linear kernel serves fp32, not {dtype}"
+    try:
+        cpu_linear.library()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
 def linear_backend(device: torch.device, dtype: torch.dtype, requested: str | None = None) -> str:
-    """"onednn" or "torch": the backend of the linear layers of a model on `device` in `dtype`
+    """"kernel", "onednn" or "torch": the backend of the linear layers of a model on `device` in `dtype`
     (`requested`, else DIFFEDIT_CPU_LINEAR, else "auto"; see the module docstring)."""
     source = "linear_backend" if requested is not None else VARIABLE
     name = str(requested if requested is not None else os.environ.get(VARIABLE, "auto")).strip().lower() or "auto"
     if name not in BACKENDS:
         raise ParameterError(f"{source}={name!r} is not a backend; use one of {', '.join(BACKENDS)}.")
-    problem = onednn_problem(device, dtype)
-    if name == "onednn" and problem is not None:
-        raise ParameterError(f"{source}='onednn' cannot be served: {problem}; use 'auto' or 'torch'.")
+    problems = {"onednn": onednn_problem(device, dtype), "kernel": kernel_problem(device, dtype)}
+    if problems.get(name) is not None:
+        raise ParameterError(f"{source}={name!r} cannot be served: {problems[name]}; use 'auto' or 'torch'.")
     if name == "auto":
+        if problems["kernel"] is None and cpu_linear.chosen():
+            return "kernel"
         x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-        return "onednn" if problem is None and x86 else "torch"
+        return "onednn" if problems["onednn"] is None and x86 else "torch"
     return name
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` whose weight lives in oneDNN's blocked layout, packed once."""
+    """An `nn.Linear` whose weight lives in a packed layout, packed once: oneDNN's blocked layout
+    (`backend` "onednn") or the panels of diffedit's fp32 kernel ("kernel", kernels/cpu_linear.py)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, backend: str = "onednn"):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        assert backend in ("onednn", "kernel"), backend
+        self.in_features, self.out_features, self.backend = linear.in_features, linear.out_features, backend
+        weight = linear.weight.detach()
+        packed = cpu_linear.pack(weight) if backend == "kernel" else torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def plain_weight(self) -> torch.Tensor:
-        return self.weight.to_dense()
+        return cpu_linear.unpack(self.weight) if self.backend == "kernel" else self.weight.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.requires_grad) or x.dtype != self.weight.dtype:
+        plain = (torch.is_grad_enabled() and x.requires_grad) or x.dtype != self.weight.dtype
+        if self.backend == "kernel":  # fp32 on the CPU only (after a .to(), the plain path)
+            if plain or x.dtype != torch.float32 or x.device.type != "cpu":
+                return F.linear(x, self.plain_weight(), self.bias)
+            return cpu_linear.linear(x, self.weight, self.bias)
+        if plain:
             return F.linear(x, self.plain_weight(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
@@ -98,13 +129,20 @@ class PackedLinear(nn.Module):
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, onednn"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.backend}")
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Replace every `nn.Linear` inside `module` by a `PackedLinear` (in place, one at a time, so
-    no second copy of the weights is ever held). Returns how many were replaced."""
-    return replace_children(module, lambda c: PackedLinear(c) if type(c) is nn.Linear else None)
+def pack_linears(module: nn.Module, backend: str = "onednn") -> int:
+    """Replace every `nn.Linear` inside `module` by a `PackedLinear` on `backend` (in place, one at
+    a time, so no second copy of the weights is ever held). With "kernel", layers whose output
+    width the kernel's panels do not divide go to oneDNN. Returns how many were replaced."""
+    def packed(child: nn.Module) -> PackedLinear | None:
+        if type(child) is not nn.Linear:
+            return None
+        fits = backend == "kernel" and child.out_features % cpu_linear.PANEL == 0
+        return PackedLinear(child, "kernel" if fits else "onednn")
+    return replace_children(module, packed)
 
 
 def _plain_linear(packed: PackedLinear) -> nn.Linear:
@@ -121,5 +159,7 @@ def unpack_linears(module: nn.Module) -> int:
 
 
 def backend_of(module: nn.Module) -> str:
-    """"onednn" if `module` holds packed linear layers, else "torch"."""
-    return "onednn" if any(isinstance(m, PackedLinear) for m in module.modules()) else "torch"
+    """"kernel" if `module` holds linear layers on diffedit's kernel, else "onednn" if it holds
+    packed ones, else "torch"."""
+    backends = {m.backend for m in module.modules() if isinstance(m, PackedLinear)}
+    return "kernel" if "kernel" in backends else "onednn" if backends else "torch"

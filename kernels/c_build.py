@@ -1,0 +1,73 @@
+"""Build and load diffedit's C kernels (cpu_attention*.c, cpu_linear_fp32.c) on first use.
+
+The system's C compiler ($CC, else `cc`) with -O3 -march=native -fopenmp (without -fopenmp if the
+compiler has no OpenMP: then one thread), once per source, compiler, flags and CPU kind, into a
+shared library cached under $DIFFEDIT_CACHE (else $XDG_CACHE_HOME/diffedit, else
+~/.cache/diffedit); written to a temporary name and renamed, so concurrent processes never load a
+half-written file. Loaded after torch, a library shares torch's OpenMP runtime and threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
+SERIAL_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")   # where the compiler has no OpenMP: one thread
+
+
+def cpu_kind() -> str:
+    """Model and flags of the first CPU in /proc/cpuinfo: -march=native code is for this kind only."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return os.uname().machine
+    keep = ("vendor_id", "cpu family", "model", "model name", "flags")
+    return "\n".join(line for line in lines if line.split(":")[0].strip() in keep)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DIFFEDIT_CACHE"):
+        return Path(os.environ["DIFFEDIT_CACHE"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "diffedit" / "kernels"
+
+
+def load(source: Path, what: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile `source` (or find it in the cache) and load it; `what` names the kernel in errors;
+    `extra_flags` e.g. ("-DPORTABLE_ONLY",). RuntimeError when it cannot be built."""
+    compiler = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        raise RuntimeError(f"no C compiler ({compiler!r}) to build the {what}") from None
+    try:
+        return _compiled(source, what, compiler, version, FLAGS + tuple(extra_flags))
+    except RuntimeError:
+        return _compiled(source, what, compiler, version, SERIAL_FLAGS + tuple(extra_flags))
+
+
+def _compiled(source: Path, what: str, compiler: str, version: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, *flags, cpu_kind()]).encode()).hexdigest()
+    target = cache_dir() / f"{source.stem}-{key[:16]}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *flags, str(source), "-o", partial], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                raise RuntimeError(f"{compiler} could not build the {what}: {last}")
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    library = ctypes.CDLL(str(target))
+    library.kernel_path.restype = ctypes.c_char_p
+    return library

@@ -1,0 +1,114 @@
+"""fp32 linear layers on the CPU: the C kernel of cpu_linear_fp32.c (built on first use by c_build.py).
+
+Why and how (register tiles, blocking, memory traffic): the comment at the top of the C file. In
+short, y = x w^T + b in 6 x 16 FMA register tiles on a weight packed once into panels of 16
+columns, where torch's fp32 GEMMs (MKL, oneDNN) reach 70-80 % of an AVX2 machine's peak at SD's
+linear shapes. On a CPU without AVX2 and FMA the same source compiles a portable C path (`path()`
+says which), correct but slow; diffedit's "auto" rule (`chosen()`) takes the kernel where its
+AVX2 path builds and torch's own CPU kernels are AVX2 ones (measured on an AMD Zen 2; on AVX-512
+CPUs oneDNN runs AVX-512 and stays).
+
+Tensors in, tensors out: this file imports nothing of diffedit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import threading
+from pathlib import Path
+
+import torch
+
+from . import c_build
+
+SOURCE = Path(__file__).with_name("cpu_linear_fp32.c")
+PANEL = 16            # output columns per packed panel (COLS in the C file)
+PROFILER_NAME = "diffedit::cpu_linear"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the kernel; `extra_flags` e.g. ("-DPORTABLE_ONLY",)."""
+    library = c_build.load(SOURCE, "CPU linear kernel", tuple(extra_flags))
+    library.linear_fp32.restype = ctypes.c_int
+    library.linear_fp32.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_long] + [ctypes.c_int] * 4)
+    return library
+
+
+def library() -> ctypes.CDLL:
+    """The built kernel (built once per process at first use); RuntimeError when it cannot be built."""
+    with _lock:
+        if "library" not in _state and "failure" not in _state:
+            try:
+                _state["library"] = build()
+            except (RuntimeError, OSError) as error:
+                _state["failure"] = str(error)
+        if "library" not in _state:
+            raise RuntimeError(_state["failure"])
+        return _state["library"]
+
+
+@functools.cache
+def path() -> str:
+    """"avx2_fma" (the fast path) or "portable" (plain C), as built for this CPU."""
+    return library().kernel_path().decode()
+
+
+@functools.cache
+def chosen() -> bool:
+    """diffedit's "auto" rule, fixed per machine kind: the kernel on its AVX2 path where torch's
+    CPU kernels are AVX2 too (module docstring)."""
+    try:
+        return path() == "avx2_fma" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+    except RuntimeError:
+        return False
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """w (N, K) fp32 -> panels (N / 16, K, 16): the 16 output columns of a panel side by side."""
+    out_features, in_features = weight.shape
+    if weight.dtype != torch.float32 or out_features % PANEL:
+        raise ValueError(f"the CPU linear kernel packs fp32 weights with a multiple of {PANEL} rows, "
+                         f"got {weight.dtype} ({out_features}, {in_features})")
+    return weight.reshape(out_features // PANEL, PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def unpack(panels: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack`: panels (N / 16, K, 16) -> w (N, K)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])
+
+
+def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None,
+           built: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (..., K) w^T + b for fp32 CPU tensors, w given as `pack(w)`. `built`: a library from
+    `build` instead of this process's `library()`."""
+    if x.dtype != torch.float32 or panels.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"the CPU linear kernel takes fp32 CPU tensors, got {x.dtype} on {x.device.type}")
+    if panels.ndim != 3 or panels.shape[2] != PANEL or not panels.is_contiguous():
+        raise ValueError(f"the weight must come from pack(): contiguous (N / {PANEL}, K, {PANEL}), "
+                         f"got {tuple(panels.shape)}")
+    in_features, out_features = panels.shape[1], panels.shape[0] * PANEL
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {in_features}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != torch.float32 or
+                             not bias.is_contiguous()):
+        raise ValueError(f"the bias must be a contiguous fp32 vector of {out_features}")
+    if torch.is_grad_enabled() and (x.requires_grad or panels.requires_grad):
+        raise ValueError("the CPU linear kernel has no backward pass; it serves inference only")
+    rows = x.reshape(math.prod(x.shape[:-1]), in_features)  # (M, K)
+    if rows.stride(-1) != 1 or rows.stride(0) < in_features:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+    if rows.shape[0] and in_features:
+        with torch.profiler.record_function(PROFILER_NAME):  # so that torch.profiler sees the C call
+            (built or library()).linear_fp32(
+                rows.data_ptr(), rows.stride(0), panels.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                out.data_ptr(), out.stride(0), rows.shape[0], in_features, out_features, torch.get_num_threads())
+    elif rows.shape[0]:  # K = 0: only the bias
+        out.copy_(bias.expand_as(out) if bias is not None else torch.zeros_like(out))
+    return out.reshape(*x.shape[:-1], out_features)
