@@ -7,8 +7,8 @@ VDPBF16PS on AVX512-BF16; fp32: FMA on AVX2) and the softmax of a block of rows 
 caches, where torch's CPU `scaled_dot_product_attention` reaches 14-25 % of a native-bf16 machine's
 peak at SD's head dims in bf16, and 30-55 % of an AVX2 machine's in fp32.
 
-Build: once per process, by c_build.py (cached across processes). On a CPU
-without the fast path's instructions (AVX512-BF16 for bf16, AVX2 and FMA for fp32) the same source
+Build: on first use, by c_build.py (cached across processes). On a CPU without
+the fast path's instructions (AVX512-BF16 for bf16, AVX2 and FMA for fp32) the same source
 compiles its portable C path (`path(dtype)` says which), correct but slow. diffedit's "auto" rule
 (`chosen(dtype)`) takes the kernel where it was measured faster than torch's SDPA: bf16 where the
 AVX512-BF16 path builds; fp32 where the AVX2 path builds and torch's own CPU kernels are AVX2 ones
