@@ -57,17 +57,11 @@ def candidates(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict:
     if x.dtype == torch.float32:
         mkl = torch.ops.mkl._mkl_reorder_linear_weight(w, x.shape[0])
         out["mkl-packed"] = lambda: torch.ops.mkl._mkl_linear(x, mkl, w, b, x.shape[0])
-    if x.dtype == torch.float32 and _kernel_fast() and w.shape[0] % cpu_linear.PANEL == 0:
+    if x.dtype == torch.float32 and cpu_linear.fast() and w.shape[0] % cpu_linear.PANEL == 0:
         panels = cpu_linear.pack(w)
         out["kernel"] = lambda: cpu_linear.linear(x, panels, b)
     return out
 
-
-def _kernel_fast() -> bool:
-    try:
-        return cpu_linear.path() == "avx2_fma"
-    except RuntimeError:
-        return False
 
 
 @torch.inference_mode()

@@ -8,16 +8,16 @@ floor figure. A profiling script, not a test.
     python benchmarks/profile_unet.py --quick          # the tiny reference model: checks the script
 
 It first measures the machine's peak: the best of the candidate GEMMs (torch's matmul, i.e. its
-BLAS, oneDNN's linear with a prepacked weight and, where "auto" takes it, diffedit's fp32 linear kernel) on a 2048^3 problem in the profiled dtype,
-and, where /proc/cpuinfo tells the clock and the vector width, the theoretical FMA peak
-(threads x clock x 2 FMA units x lanes x 2; a core running above the reported clock beats it). It
-then loads the model as the pipeline does (3x3 convolutions packed on the CPU, linear layers on
-the chosen backend), warms the UNet up, and profiles `--calls` calls with torch.profiler; each
-op's self time goes to a kind (3x3 convolution, 1x1 convolution, linear, attention,
-normalisation, element-wise, rest), and the table names the backend of the ops that ran each
-kind. FLOPs come from forward hooks: 2 x multiply-adds of every convolution and linear layer, and
-4 x B x Lq x Lk x width for each attention (QK^T and the weighted sum of V). Kinds without FLOPs
-are memory-bound.
+BLAS, oneDNN's linear with a prepacked weight and, where "auto" takes it, diffedit's fp32 linear
+kernel) on a 2048^3 problem in the profiled dtype, and, where /proc/cpuinfo tells the clock and
+the vector width, the theoretical FMA peak (threads x clock x 2 FMA units x lanes x 2; a core
+running above the reported clock beats it). It then loads the model as the pipeline does (3x3
+convolutions packed on the CPU, linear layers on the chosen backend), warms the UNet up, and
+profiles `--calls` calls with torch.profiler; each op's self time goes to a kind (3x3
+convolution, 1x1 convolution, linear, attention, normalisation, element-wise, rest), and the
+table names the backend of the ops that ran each kind. FLOPs come from forward hooks: 2 x
+multiply-adds of every convolution and linear layer, and 4 x B x Lq x Lk x width for each
+attention (QK^T and the weighted sum of V). Kinds without FLOPs are memory-bound.
 """
 
 from __future__ import annotations

@@ -14,10 +14,29 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 SERIAL_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")   # where the compiler has no OpenMP: one thread
+
+_lock = threading.Lock()
+_loaded: dict[Hashable, ctypes.CDLL | str] = {}  # key -> the library, or why it could not be built
+
+
+def once(key: Hashable, build: Callable[[], ctypes.CDLL]) -> ctypes.CDLL:
+    """`build()`'s library, built once per process and key (a failure is remembered too, so the
+    compiler is not run again); RuntimeError with the reason when it cannot be built."""
+    with _lock:
+        if key not in _loaded:
+            try:
+                _loaded[key] = build()
+            except (RuntimeError, OSError) as error:
+                _loaded[key] = str(error)
+        if isinstance(_loaded[key], str):
+            raise RuntimeError(_loaded[key])
+        return _loaded[key]
 
 
 def cpu_kind() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 from pathlib import Path
 
 import torch
@@ -34,11 +33,6 @@ SOURCES = {torch.bfloat16: Path(__file__).with_name("cpu_attention.c"),
 FAST_PATHS = {torch.bfloat16: "avx512_bf16", torch.float32: "avx2_fma"}  # kernel_path() of each fast build
 ENTRIES = {torch.bfloat16: "attention_bf16", torch.float32: "attention_fp32"}
 PROFILER_NAME = "diffedit::cpu_attention"
-
-_lock = threading.Lock()
-_libraries: dict[torch.dtype, ctypes.CDLL] = {}
-_failures: dict[torch.dtype, str] = {}
-
 
 def build(extra_flags: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel for `dtype`; `extra_flags` e.g.
@@ -52,15 +46,7 @@ def build(extra_flags: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16
 
 def library(dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL:
     """The built kernel for `dtype` (built once per process at first use); RuntimeError when it cannot be built."""
-    with _lock:
-        if dtype not in _libraries and dtype not in _failures:
-            try:
-                _libraries[dtype] = build(dtype=dtype)
-            except (RuntimeError, OSError) as error:
-                _failures[dtype] = str(error)
-        if dtype not in _libraries:
-            raise RuntimeError(_failures[dtype])
-        return _libraries[dtype]
+    return c_build.once(("attention", dtype), lambda: build(dtype=dtype))
 
 
 @functools.cache  # asked on every attention call under "auto": once the library is loaded, it is fixed

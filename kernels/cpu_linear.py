@@ -3,10 +3,11 @@
 Why and how (register tiles, blocking, memory traffic): the comment at the top of the C file. In
 short, y = x w^T + b in 6 x 16 FMA register tiles on a weight packed once into panels of 16
 columns, where torch's fp32 GEMMs (MKL, oneDNN) run SD's linear shapes at 120-155 GFLOP/s on 2
-cores of a Zen 2 whose 3x3 convolutions reach 180 (the kernel: 145-185). On a CPU without AVX2 and FMA the same source compiles a portable C path (`path()`
-says which), correct but slow; diffedit's "auto" rule (`chosen()`) takes the kernel where its
-AVX2 path builds and torch's own CPU kernels are AVX2 ones (measured on an AMD Zen 2; on AVX-512
-CPUs oneDNN runs AVX-512 and stays).
+cores of a Zen 2 whose 3x3 convolutions reach 180 (the kernel: 145-185). On a CPU without AVX2
+and FMA the same source compiles a portable C path (`path()` says which), correct but slow;
+diffedit's "auto" rule (`chosen()`) takes the kernel where its AVX2 path builds and torch's own
+CPU kernels are AVX2 ones (measured on an AMD Zen 2; on AVX-512 CPUs oneDNN runs AVX-512 and
+stays).
 
 Tensors in, tensors out: this file imports nothing of diffedit.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import threading
 from pathlib import Path
 
 import torch
@@ -26,10 +26,6 @@ from . import c_build
 SOURCE = Path(__file__).with_name("cpu_linear_fp32.c")
 PANEL = 16            # output columns per packed panel (COLS in the C file)
 PROFILER_NAME = "diffedit::cpu_linear"
-
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
 
 def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel; `extra_flags` e.g. ("-DPORTABLE_ONLY",)."""
@@ -42,15 +38,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL:
     """The built kernel (built once per process at first use); RuntimeError when it cannot be built."""
-    with _lock:
-        if "library" not in _state and "failure" not in _state:
-            try:
-                _state["library"] = build()
-            except (RuntimeError, OSError) as error:
-                _state["failure"] = str(error)
-        if "library" not in _state:
-            raise RuntimeError(_state["failure"])
-        return _state["library"]
+    return c_build.once("linear", build)
 
 
 @functools.cache
@@ -59,14 +47,19 @@ def path() -> str:
     return library().kernel_path().decode()
 
 
+def fast() -> bool:
+    """True when the kernel builds here with its fast (AVX2 + FMA) path."""
+    try:
+        return path() == "avx2_fma"
+    except RuntimeError:
+        return False
+
+
 @functools.cache
 def chosen() -> bool:
     """diffedit's "auto" rule, fixed per machine kind: the kernel on its AVX2 path where torch's
     CPU kernels are AVX2 too (module docstring)."""
-    try:
-        return path() == "avx2_fma" and torch.backends.cpu.get_cpu_capability() == "AVX2"
-    except RuntimeError:
-        return False
+    return fast() and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -109,6 +102,8 @@ def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = No
             (built or library()).linear_fp32(
                 rows.data_ptr(), rows.stride(0), panels.data_ptr(), 0 if bias is None else bias.data_ptr(),
                 out.data_ptr(), out.stride(0), rows.shape[0], in_features, out_features, torch.get_num_threads())
-    elif rows.shape[0]:  # K = 0: only the bias
-        out.copy_(bias.expand_as(out) if bias is not None else torch.zeros_like(out))
+    elif bias is not None:  # K = 0: only the bias
+        out.copy_(bias)
+    else:
+        out.zero_()
     return out.reshape(*x.shape[:-1], out_features)

@@ -116,10 +116,7 @@ def linear_backends() -> list[str]:
     """oneDNN, and diffedit's fp32 kernel where it builds with its fast path (its portable C path
     would take minutes per UNet call at this size; tests/test_kernel_cpu_linear.py checks it)."""
     from diffedit.kernels import cpu_linear
-    try:
-        return ["onednn"] + (["kernel"] if cpu_linear.path() == "avx2_fma" else [])
-    except RuntimeError:
-        return ["onednn"]
+    return ["onednn"] + (["kernel"] if cpu_linear.fast() else [])
 
 
 @torch.inference_mode()

@@ -157,6 +157,10 @@ def test_backend_rule_and_the_environment_variable(monkeypatch):
     monkeypatch.setattr(packed_linear.platform, "machine", lambda: "x86_64")
     kernel_here = cpu_linear.chosen()
     assert linear_backend(CPU, torch.float32) == ("kernel" if kernel_here else "onednn")
+    with monkeypatch.context() as m:  # asking for torch or oneDNN never builds the kernel
+        m.setattr(packed_linear, "kernel_problem", lambda *_: pytest.fail("the kernel was built"))
+        assert linear_backend(CPU, torch.float32, "torch") == "torch"
+        assert linear_backend(CPU, torch.float32, "onednn") == "onednn"
     monkeypatch.setattr(cpu_linear, "chosen", lambda: True)  # an AVX2 CPU: the kernel in fp32 only
     assert linear_backend(CPU, torch.float32) == "kernel"
     if devices.cpu_has_fast_bf16():

@@ -86,14 +86,14 @@ def linear_backend(device: torch.device, dtype: torch.dtype, requested: str | No
     name = str(requested if requested is not None else os.environ.get(VARIABLE, "auto")).strip().lower() or "auto"
     if name not in BACKENDS:
         raise ParameterError(f"{source}={name!r} is not a backend; use one of {', '.join(BACKENDS)}.")
-    problems = {"onednn": onednn_problem(device, dtype), "kernel": kernel_problem(device, dtype)}
-    if problems.get(name) is not None:
-        raise ParameterError(f"{source}={name!r} cannot be served: {problems[name]}; use 'auto' or 'torch'.")
+    problem = {"onednn": onednn_problem, "kernel": kernel_problem}.get(name, lambda *_: None)(device, dtype)
+    if problem is not None:
+        raise ParameterError(f"{source}={name!r} cannot be served: {problem}; use 'auto' or 'torch'.")
     if name == "auto":
-        if problems["kernel"] is None and cpu_linear.chosen():
+        if kernel_problem(device, dtype) is None and cpu_linear.chosen():
             return "kernel"
         x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-        return "onednn" if problems["onednn"] is None and x86 else "torch"
+        return "onednn" if onednn_problem(device, dtype) is None and x86 else "torch"
     return name
 
 
@@ -106,7 +106,10 @@ class PackedLinear(nn.Module):
         assert backend in ("onednn", "kernel"), backend
         self.in_features, self.out_features, self.backend = linear.in_features, linear.out_features, backend
         weight = linear.weight.detach()
-        packed = cpu_linear.pack(weight) if backend == "kernel" else torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        if backend == "kernel":
+            packed = cpu_linear.pack(weight)
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
