@@ -7,6 +7,11 @@ own CPU kernels are AVX2 ones (measured faster than MKL and oneDNN there: README
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +118,22 @@ def test_the_auto_rule_follows_the_cpu_capability(monkeypatch):
         assert kernel.chosen() is False
     finally:
         kernel.chosen.cache_clear()
+
+
+def test_without_a_compiler_forcing_the_kernel_is_one_sentence_and_auto_falls_back(tmp_path):
+    """The command line with CC pointing nowhere: DIFFEDIT_CPU_LINEAR=kernel is refused in one
+    sentence with status 2 before anything is written; "auto" runs on oneDNN and builds nothing."""
+    image = Path(__file__).resolve().parents[1] / "weights" / "examples" / "red-circle.png"
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "DIFFEDIT_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "diffedit", "mask", str(image), "--source", "a red circle",
+               "--target", "a blue circle", "--out", str(tmp_path / "mask.png")]
+    forced = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**env, "DIFFEDIT_CPU_LINEAR": "kernel"})
+    assert forced.returncode == 2
+    assert forced.stderr.strip() == (f"diffedit: error: DIFFEDIT_CPU_LINEAR='kernel' cannot be served: no C compiler "
+                                     f"('{tmp_path / 'no-such-cc'}') to build the CPU linear kernel; use 'auto' or "
+                                     "'torch'.")
+    assert not (tmp_path / "mask.png").exists()
+    auto = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, "DIFFEDIT_CPU_LINEAR": "auto"})
+    assert auto.returncode == 0, auto.stderr
+    assert (tmp_path / "mask.png").is_file() and not (tmp_path / "cache").exists()
