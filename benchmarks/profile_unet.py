@@ -53,7 +53,7 @@ KINDS = {  # profiler op name -> kind (anything else: "rest")
     "mkldnn::_convolution_pointwise": "conv 3x3", "aten::mkldnn_convolution": "conv 1x1",
     "aten::addmm": "linear", "aten::mm": "linear", "mkldnn::_linear_pointwise": "linear", "aten::bmm": "attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "diffedit::cpu_attention": "attention",
-    "diffedit::cpu_linear": "linear", "aten::native_group_norm": "norm", "aten::native_layer_norm": "norm",
+    "diffedit::cpu_linear": "linear", "diffedit::cpu_geglu": "element-wise", "aten::native_group_norm": "norm", "aten::native_layer_norm": "norm",
     "aten::silu": "element-wise", "aten::gelu": "element-wise", "aten::add": "element-wise",
     "aten::mul": "element-wise", "aten::copy_": "element-wise", "aten::cat": "element-wise",
     "aten::upsample_nearest2d": "element-wise",
@@ -64,6 +64,7 @@ BACKENDS = {  # profiler op name -> the library that ran it
     "mkldnn::_linear_pointwise": "oneDNN, prepacked",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "torch SDPA (flash, CPU)",
     "diffedit::cpu_attention": "diffedit's fused C kernel", "diffedit::cpu_linear": "diffedit's C kernel",
+    "diffedit::cpu_geglu": "GEGLU: diffedit's C kernel",
 }
 
 

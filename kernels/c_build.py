@@ -1,4 +1,5 @@
-"""Build and load diffedit's C kernels (cpu_attention*.c, cpu_linear_fp32.c) on first use.
+"""Build and load diffedit's C kernels (cpu_attention*.c, cpu_linear_fp32.c, cpu_geglu_fp32.c; the
+headers beside them) on first use.
 
 The system's C compiler ($CC, else `cc`) with -O3 -march=native -fopenmp (without -fopenmp if the
 compiler has no OpenMP: then one thread), once per source, compiler, flags and CPU kind, into a
@@ -71,7 +72,8 @@ def load(source: Path, what: str, extra_flags: tuple[str, ...] = ()) -> ctypes.C
 
 
 def _compiled(source: Path, what: str, compiler: str, version: str, flags: tuple[str, ...]) -> ctypes.CDLL:
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, *flags, cpu_kind()]).encode()).hexdigest()
+    headers = [header.read_text() for header in sorted(source.parent.glob("*.h"))]  # what sources may include
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, compiler, version, *flags, cpu_kind()]).encode()).hexdigest()
     target = cache_dir() / f"{source.stem}-{key[:16]}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffedit import devices
-from diffedit.kernels import cpu_linear
+from diffedit.kernels import cpu_geglu, cpu_linear
 from diffedit.errors import ParameterError
 from diffedit.models.packed_conv import replace_children
 
@@ -159,6 +159,14 @@ def _plain_linear(packed: PackedLinear) -> nn.Linear:
 def unpack_linears(module: nn.Module) -> int:
     """Turn every `PackedLinear` back into a plain `nn.Linear` (same weights). Returns the count."""
     return replace_children(module, lambda c: _plain_linear(c) if isinstance(c, PackedLinear) else None)
+
+
+def on_kernel(layer: nn.Module, y: torch.Tensor) -> bool:
+    """True when `layer` ran on diffedit's fp32 kernel and its output `y` is an fp32 CPU tensor
+    outside autograd: then the kernel's companion (the feed-forward's gating, kernels/cpu_geglu.py)
+    serves y too, where it builds."""
+    return (isinstance(layer, PackedLinear) and layer.backend == "kernel" and y.dtype == torch.float32 and
+            y.device.type == "cpu" and not (torch.is_grad_enabled() and y.requires_grad) and cpu_geglu.available())
 
 
 def backend_of(module: nn.Module) -> str:
