@@ -3,6 +3,7 @@ irregular shapes, strides and batch sizes; re-packing when the input shape chang
 weights in state_dict and back through unpack; autograd falls back to the plain path; the
 pipeline packs on the CPU and can be told not to."""
 
+import threading
 import warnings
 
 import pytest
@@ -57,6 +58,58 @@ def test_repacks_when_the_shape_changes_and_keeps_plain_weights_in_state_dict():
     assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in conv.parameters())
     assert torch.equal(packed.state_dict(keep_vars=True)["weight"], conv.weight)
     assert "packed_for=(2, 8, 6, 6)" in repr(packed)
+
+
+def test_first_packs_share_one_channels_last_buffer_that_the_next_plain_call_frees(monkeypatch):
+    """Each first pack copies the weight channels-last into one shared buffer (torch's op would copy
+    it into fresh memory): the layout is the op's own from the plain weight, bit for bit, for 3x3,
+    1x1, strided and grouped weights; the packed weights never alias the buffer; the first call that
+    packs nothing frees it."""
+    torch.manual_seed(6)
+    convs = [nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(16, 24, 3, padding=1), nn.Conv2d(24, 8, 1),
+             nn.Conv2d(8, 12, 3, padding=1, groups=2)]
+    shapes = [(2, 8, 9, 7), (2, 16, 9, 7), (2, 24, 9, 7), (2, 8, 5, 4)]
+    modules = [PackedConv2d(conv) for conv in convs]
+    packed_conv._release_scratch()  # as after a plain call (earlier tests may have left one)
+    handed, pack = [], torch.ops.mkldnn._reorder_convolution_weight  # the op gets channels-last: it copies nothing
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight",
+                        lambda w, *a: handed.append(w.is_contiguous(memory_format=torch.channels_last)) or pack(w, *a))
+    with torch.inference_mode():
+        buffers = []
+        for conv, module, shape in zip(convs, modules, shapes):
+            x = torch.randn(shape)
+            got = module(x)
+            buffers.append((packed_conv._scratch.numel(), packed_conv._scratch.data_ptr()))
+            by_op = pack(conv.weight.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                         list(shape))
+            expect = torch.ops.mkldnn._convolution_pointwise(x, by_op, conv.bias, list(conv.padding),
+                                                            list(conv.stride), list(conv.dilation), conv.groups,
+                                                            "none", [], "")
+            assert torch.equal(got, expect)
+        assert [n for n, _ in buffers] == [8 * 8 * 9] + [24 * 16 * 9] * 3  # grown once, then reused
+        assert len({address for _, address in buffers[1:]}) == 1 and handed == [True] * 4
+        for conv, module, shape in zip(convs, modules, shapes):  # the buffer was overwritten since
+            x = torch.randn(shape)
+            assert rel_err(module(x), conv(x)) < REL
+            assert packed_conv._scratch is None  # freed by the first call that packed nothing
+
+
+def test_threads_packing_at_once_get_their_own_weights():
+    torch.manual_seed(7)
+    pairs = [(nn.Conv2d(8, 8 + 4 * i, 3, padding=1), torch.randn(1, 8, 6, 6)) for i in range(8)]
+    modules = [PackedConv2d(conv) for conv, _ in pairs]
+    results = [None] * len(pairs)
+
+    def run(i):
+        with torch.inference_mode():
+            results[i] = modules[i](pairs[i][1])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(pairs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (conv, x), got in zip(pairs, results):
+        assert rel_err(got, conv(x)) < REL
 
 
 def test_autograd_takes_the_plain_path():
