@@ -214,7 +214,9 @@ def main() -> None:
     print(f"CPU: {cpu_name()}, torch capability {torch.backends.cpu.get_cpu_capability()}; "
           f"linear layers: {backend_of(pipe.unet)}; attention: {backend_name(pipe.dtype)}; torch matmul = "
           + ("its BLAS (MKL on x86)" if pipe.dtype == torch.float32 else "oneDNN, reordering the weight per call"))
-    latents = torch.randn(args.batch, pipe.config.unet.in_channels, side, side).to(pipe.dtype)
+    # one x_t for every row, as in each UNet call of an edit (guidance, the mask's source/target pairs):
+    # the UNet runs what comes before the first cross-attention once (models/unet.py, one_x_t)
+    latents = torch.randn(1, pipe.config.unet.in_channels, side, side).repeat(args.batch, 1, 1, 1).to(pipe.dtype)
     if pipe.dtype == torch.bfloat16:
         latents = latents.contiguous(memory_format=torch.channels_last)
     context = pipe.encode_prompt(["a bowl of fruit"] * args.batch)

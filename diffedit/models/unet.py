@@ -51,7 +51,10 @@ class Attention(nn.Module):
             k, v = self.to_k(x), self.to_v(x)
         else:
             k, v = self.text_keys_values(context)
-        return self.to_out[0](attention(self.to_q(x), k, v, self.heads, upcast=self.upcast))
+        q = self.to_q(x)
+        if q.shape[0] != k.shape[0]:  # one x_t for several texts (UNet.forward): its rows part here
+            q = q.expand(k.shape[0], -1, -1)
+        return self.to_out[0](attention(q, k, v, self.heads, upcast=self.upcast))
 
     def text_keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights = (self.to_k.weight, self.to_v.weight)
@@ -185,6 +188,14 @@ class SpatialTransformer(nn.Module):
         return x + residual
 
 
+def one_x_t(latents: torch.Tensor, t: torch.Tensor) -> bool:
+    """True when all rows (more than one) have the same latents and timestep, and no gradient with
+    respect to the latents is wanted (then each row needs its own)."""
+    if latents.shape[0] < 2 or (torch.is_grad_enabled() and latents.requires_grad):
+        return False
+    return bool((t == t[0]).all()) and all(torch.equal(latents[0], row) for row in latents[1:])
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: int = 0) -> torch.Tensor:
     """Sinusoidal embedding of the timestep (Vaswani et al. 2017; DDPM): (B,) -> (B, dim), fp32."""
     half = dim // 2
@@ -244,7 +255,10 @@ class UpBlock(nn.Module):
 
     def forward(self, x, t_emb, context, skips: list[torch.Tensor], upsample_size) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), t_emb)
+            skip = skips.pop()
+            if skip.shape[0] != x.shape[0]:  # made before the rows parted (UNet.forward): one per row, same layout
+                skip = torch.cat([skip] * x.shape[0])
+            x = resnet(torch.cat([x, skip], dim=1), t_emb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
@@ -298,6 +312,12 @@ class UNet(nn.Module):
         """latents (B, C, h, w), timestep (scalar or (B,)), text hidden states (B, L, D) -> (B, C, h, w)."""
         c = self.config
         t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
+        if one_x_t(latents, t):
+            # Guidance (unconditional and text rows) and the mask's (source, target) pairs give every row
+            # the same x_t and t: everything before the first cross-attention is the same for all of them,
+            # so it runs once, on one row, which the first cross-attention meets with every text (Attention;
+            # the middle block always has one).
+            latents, t = latents[:1], t[:1]
         t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         t_emb = self.time_embedding(t_emb.to(latents.dtype))
         context = encoder_hidden_states.to(latents.dtype)
