@@ -94,6 +94,19 @@ def test_first_packs_share_one_channels_last_buffer_that_the_next_plain_call_fre
             assert packed_conv._scratch is None  # freed by the first call that packed nothing
 
 
+def test_the_buffer_serves_packs_inside_and_outside_inference_mode():
+    """Made inside inference_mode, the buffer still takes a pack under no_grad (an inference tensor
+    could not be written there), and the other way round."""
+    torch.manual_seed(8)
+    convs = [nn.Conv2d(8, 8, 3, padding=1) for _ in range(4)]
+    modes = [torch.inference_mode, torch.no_grad, torch.no_grad, torch.inference_mode]
+    packed_conv._release_scratch()
+    for conv, mode in zip(convs, modes):
+        module, x = PackedConv2d(conv), torch.randn(1, 8, 5, 5)
+        with mode():
+            assert rel_err(module(x), conv(x)) < REL
+
+
 def test_threads_packing_at_once_get_their_own_weights():
     torch.manual_seed(7)
     pairs = [(nn.Conv2d(8, 8 + 4 * i, 3, padding=1), torch.randn(1, 8, 6, 6)) for i in range(8)]

@@ -115,7 +115,8 @@ def _channels_last(weight: torch.Tensor) -> torch.Tensor:
         return weight
     if _scratch is None or _scratch.numel() < weight.numel() or _scratch.dtype != weight.dtype:
         _scratch = None  # the old buffer goes before the new one is made
-        _scratch = torch.empty(weight.numel(), dtype=weight.dtype)
+        with torch.inference_mode(False):  # a normal tensor: packs may run inside inference_mode or not
+            _scratch = torch.empty(weight.numel(), dtype=weight.dtype)
     _, in_channels, kh, kw = weight.shape
     view = _scratch[:weight.numel()].as_strided(weight.shape, (in_channels * kh * kw, 1, kw * in_channels, in_channels))
     return view.copy_(weight)
