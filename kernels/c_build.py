@@ -73,7 +73,8 @@ def load(source: Path, what: str, extra_flags: tuple[str, ...] = ()) -> ctypes.C
 
 def _compiled(source: Path, what: str, compiler: str, version: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     headers = [header.read_text() for header in sorted(source.parent.glob("*.h"))]  # what sources may include
-    key = hashlib.sha256("\0".join([source.read_text(), *headers, compiler, version, *flags, cpu_kind()]).encode()).hexdigest()
+    text = "\0".join([source.read_text(), *headers, compiler, version, *flags, cpu_kind()])
+    key = hashlib.sha256(text.encode()).hexdigest()
     target = cache_dir() / f"{source.stem}-{key[:16]}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

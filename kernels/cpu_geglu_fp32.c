@@ -26,7 +26,6 @@
    Without AVX2 and FMA (or with -DPORTABLE_ONLY) a plain C loop with the same formula. */
 
 #include <math.h>
-#include <stdint.h>
 
 #define A1 0.254829592f
 #define A2 (-0.284496736f)

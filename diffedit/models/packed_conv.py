@@ -16,9 +16,9 @@ their layout was picked for, the small ones do not; so big weights are re-packed
 image size changes, small ones (a tenth of the bytes) at every shape change; each re-pack runs
 inside host_memory.big_blocks_mapped, so the layout it replaces goes back to the system instead of
 leaving a hole in the heap; first packs copy the plain weight channels-last into one reused buffer
-(`_channels_last`: torch's op would copy it into fresh memory every time). The parameter count, `state_dict()` keys and values (plain layout) are
-those of `nn.Conv2d`; the results differ from the plain convolution by rounding only (another
-summation order).
+(`_channels_last`: torch's op would copy it into fresh memory every time). The parameter count,
+`state_dict()` keys and values (plain layout) are those of `nn.Conv2d`; the results differ from
+the plain convolution by rounding only (another summation order).
 
 1x1 convolutions are packed only in bf16 (`pack_convolutions(..., one_by_one=True)`, which the
 pipeline asks for in bf16, where the models run channels-last): there the per-call reorder of
