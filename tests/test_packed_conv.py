@@ -107,6 +107,18 @@ def test_the_buffer_serves_packs_inside_and_outside_inference_mode():
             assert rel_err(module(x), conv(x)) < REL
 
 
+def test_a_channels_last_weight_is_handed_over_as_it_is():
+    """A weight already channels-last (bf16 models are) needs no copy: the buffer is not made."""
+    torch.manual_seed(9)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    packed_conv._release_scratch()
+    module, x = PackedConv2d(conv), torch.randn(1, 8, 5, 5)
+    with torch.inference_mode():
+        assert rel_err(module(x), conv(x)) < REL
+    assert packed_conv._scratch is None
+
+
 def test_threads_packing_at_once_get_their_own_weights():
     torch.manual_seed(7)
     pairs = [(nn.Conv2d(8, 8 + 4 * i, 3, padding=1), torch.randn(1, 8, 6, 6)) for i in range(8)]
