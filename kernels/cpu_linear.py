@@ -72,14 +72,16 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(panels: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack`: panels (N / 16, K, 16) -> w (N, K)."""
-    return panels.transpose(1, 2).reshape(-1, panels.shape[1])
+    """The inverse of `pack`: panels (N / 16, K, 16) -> w (N, K), contiguous (a single panel's
+    reshape alone would be a transposed view, which e.g. safetensors refuses to save)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1]).contiguous()
 
 
 def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None,
-           built: ctypes.CDLL | None = None) -> torch.Tensor:
+           built: ctypes.CDLL | None = None, profiler_name: str = PROFILER_NAME) -> torch.Tensor:
     """x (..., K) w^T + b for fp32 CPU tensors, w given as `pack(w)`. `built`: a library from
-    `build` instead of this process's `library()`."""
+    `build` instead of this process's `library()`; `profiler_name`: what torch.profiler calls the
+    C call (a 1x1 convolution's caller names it so)."""
     if x.dtype != torch.float32 or panels.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"the CPU linear kernel takes fp32 CPU tensors, got {x.dtype} on {x.device.type}")
     if panels.ndim != 3 or panels.shape[2] != PANEL or not panels.is_contiguous():
@@ -98,7 +100,7 @@ def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = No
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
     if rows.shape[0] and in_features:
-        with torch.profiler.record_function(PROFILER_NAME):  # so that torch.profiler sees the C call
+        with torch.profiler.record_function(profiler_name):  # so that torch.profiler sees the C call
             (built or library()).linear_fp32(
                 rows.data_ptr(), rows.stride(0), panels.data_ptr(), 0 if bias is None else bias.data_ptr(),
                 out.data_ptr(), out.stride(0), rows.shape[0], in_features, out_features, torch.get_num_threads())

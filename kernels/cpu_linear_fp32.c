@@ -12,13 +12,18 @@
    registers: per k, two vector loads of the panel, 6 broadcasts of x, 12 FMAs. K is cut into
    equal chunks of at most KC, so that a panel chunk (at most 24 KiB) stays in L1 while the tile
    walks down a block of at most MC rows of x (in L2); the first chunk starts from the bias, the
-   next ones add to y. Work items are (block of NCP panels, block of rows), blocks of equal size,
-   the column block outer: a thread reuses a block of w, from L2, for every block of rows. Rows
-   (M % 6) and columns (N % 16) at the edges go through a 6 x 16 scratch tile.
-   Memory traffic: w read once from memory (then from L2; the first tile of a panel prefetches
+   next ones add to y. Work items are (block of panels, block of rows), blocks of equal size, the
+   column block outer: a thread reuses a block of w, from L3, for every block of rows, and each
+   block of rows, from L2, for every panel of the block. Column blocks are as wide as WBLOCK bytes
+   of w allow (160 panels at K = 320), so that x, which at 512 px (64x64 latents: M = 8192) no
+   longer fits L3, is read from memory as few times as possible: with blocks of 4 panels it was
+   read 40 times by a 2560-wide layer, which ran at 105 GFLOP/s instead of 150 on a Zen 2. With
+   few rows (text encoder, timestep embedding) the blocks narrow until there are MIN_ITEMS items
+   to share out among the threads. Rows (M % 6) and columns (N % 16) at the edges go through a
+   6 x 16 scratch tile.
+   Memory traffic: w read once from memory (then from L3; the first tile of a panel prefetches
    the next panel into L1, which lifts the layers with few rows, where w's traffic dominates,
-   by about 5 %), x once per block of NCP panels (from L3 where it does not fit L2), y written
-   once per K chunk.
+   by about 5 %), x once per column block, y written once per K chunk.
    Sums are fp32 in order k = 0..K-1 per chunk, the bias first: results differ from F.linear by
    rounding only.
 
@@ -40,8 +45,11 @@
 #ifndef MC
 #define MC 72     /* rows per work item (at most): 12 tiles; x's block of MC x KC floats is <= 108 KiB, in L2 */
 #endif
-#ifndef NCP
-#define NCP 4     /* panels per work item (128 columns) */
+#ifndef WBLOCK
+#define WBLOCK (4L << 20)  /* bytes of w per work item (at most): a block of panels that stays in L3 */
+#endif
+#ifndef MIN_ITEMS
+#define MIN_ITEMS 24       /* fewer items than this (few rows): narrower column blocks, to share out */
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(PORTABLE_ONLY)
@@ -142,7 +150,14 @@ int linear_fp32(const float *x, long x_sm, const float *packed, const float *bia
                 int M, int K, int N, int threads) {
     /* blocks of equal size (rows: a multiple of ROWS), so that the threads get equal shares */
     int panels = (N + COLS - 1) / COLS, chunks = (K + KC - 1) / KC;
-    int row_blocks = (M + MC - 1) / MC, col_blocks = (panels + NCP - 1) / NCP;
+    /* column blocks as wide as WBLOCK bytes of w allow; narrower where that leaves under MIN_ITEMS items */
+    long panel_bytes = (long)K * COLS * (long)sizeof(float);
+    long per_block = WBLOCK / panel_bytes > 0 ? WBLOCK / panel_bytes : 1;
+    int row_blocks = (M + MC - 1) / MC, col_blocks = (int)((panels + per_block - 1) / per_block);
+    if (row_blocks * col_blocks < MIN_ITEMS) {
+        int wanted = (MIN_ITEMS + row_blocks - 1) / row_blocks;
+        col_blocks = wanted < panels ? wanted : panels;
+    }
     int block_rows = ((M + row_blocks - 1) / row_blocks + ROWS - 1) / ROWS * ROWS;
     int block_panels = (panels + col_blocks - 1) / col_blocks;
     row_blocks = (M + block_rows - 1) / block_rows;

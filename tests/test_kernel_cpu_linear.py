@@ -72,6 +72,20 @@ def test_same_bits_for_every_thread_count_and_leading_dimensions():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("flags", [("-DWBLOCK=1",), ("-DWBLOCK=(1L<<40)", "-DMIN_ITEMS=1"), ("-DMIN_ITEMS=1000",),
+                                   ("-DMC=6", "-DWBLOCK=40000")], ids=lambda f: " ".join(f))
+def test_blocking_changes_no_bit(flags):
+    """How rows and panels are cut into work items (WBLOCK, MIN_ITEMS, MC) decides speed only: every
+    output element is the same sum in the same order, with any blocks (one panel each, one block of
+    everything, blocks of one tile)."""
+    built = kernel.build(flags)
+    for shape in [(1, 5, 16), (73, 800, 144), (145, 77, 272), (300, 320, 320), (2, 1280, 160), (500, 64, 1024)]:
+        x, w, b = operands(*shape, seed=5)
+        panels = kernel.pack(w)
+        assert torch.equal(kernel.linear(x, panels, b, built=built), kernel.linear(x, panels, b)), shape
+
+
+@torch.no_grad()
 def test_strided_and_broadcast_inputs():
     x, w, b = operands(40, 64, 32, seed=2)
     panels, expect = kernel.pack(w), kernel.linear(x, kernel.pack(w), b)
@@ -86,6 +100,9 @@ def test_strided_and_broadcast_inputs():
 def test_pack_round_trip_empty_inputs_and_refusals():
     x, w, b = operands(4, 24, 32, seed=3)
     assert torch.equal(kernel.unpack(kernel.pack(w)), w)
+    one_panel = w[:16].clone()  # unpacked contiguous, as a saved weight must be
+    unpacked = kernel.unpack(kernel.pack(one_panel))
+    assert torch.equal(unpacked, one_panel) and unpacked.is_contiguous()
     panels = kernel.pack(w)
     assert kernel.linear(x[:0], panels, b).shape == (0, 32)
     assert torch.equal(kernel.linear(x[0], panels, b), kernel.linear(x, panels, b)[0])  # a single vector
