@@ -44,7 +44,8 @@ from bench_pipeline import cpu_name, ensure_model, model_folder  # noqa: E402
 from diffedit.models.packed_conv import PackedConv2d  # noqa: E402
 from diffedit.models.attention import backend_name  # noqa: E402
 from diffedit.kernels import cpu_linear  # noqa: E402
-from diffedit.models.packed_linear import BACKENDS as BACKENDS_OF_LINEAR, PackedLinear, backend_of  # noqa: E402
+from diffedit.models.packed_linear import (BACKENDS as BACKENDS_OF_LINEAR, PackedLinear, PointwiseConv2d,  # noqa: E402
+                                           backend_of)
 from diffedit.pipeline import DiffEditPipeline  # noqa: E402
 from diffedit.models.unet import Attention  # noqa: E402
 from diffedit.models.vae import SelfAttention  # noqa: E402
@@ -53,7 +54,8 @@ KINDS = {  # profiler op name -> kind (anything else: "rest")
     "mkldnn::_convolution_pointwise": "conv 3x3", "aten::mkldnn_convolution": "conv 1x1",
     "aten::addmm": "linear", "aten::mm": "linear", "mkldnn::_linear_pointwise": "linear", "aten::bmm": "attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "diffedit::cpu_attention": "attention",
-    "diffedit::cpu_linear": "linear", "diffedit::cpu_geglu": "element-wise", "aten::native_group_norm": "norm",
+    "diffedit::cpu_linear": "linear", "diffedit::cpu_conv1x1": "conv 1x1", "diffedit::cpu_geglu": "element-wise",
+    "aten::native_group_norm": "norm",
     "aten::native_layer_norm": "norm",
     "aten::silu": "element-wise", "aten::gelu": "element-wise", "aten::add": "element-wise",
     "aten::mul": "element-wise", "aten::copy_": "element-wise", "aten::cat": "element-wise",
@@ -65,6 +67,7 @@ BACKENDS = {  # profiler op name -> the library that ran it
     "mkldnn::_linear_pointwise": "oneDNN, prepacked",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "torch SDPA (flash, CPU)",
     "diffedit::cpu_attention": "diffedit's fused C kernel", "diffedit::cpu_linear": "diffedit's C kernel",
+    "diffedit::cpu_conv1x1": "diffedit's linear kernel, channels-last",
     "diffedit::cpu_geglu": "GEGLU: diffedit's C kernel",
 }
 
@@ -139,7 +142,7 @@ def count_flops(model: nn.Module) -> tuple[dict, list]:
 
     handles = []
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, PackedConv2d)):
+        if isinstance(m, (nn.Conv2d, PackedConv2d, PointwiseConv2d)):
             handles.append(m.register_forward_hook(conv))
         elif isinstance(m, (nn.Linear, PackedLinear)):
             handles.append(m.register_forward_hook(linear))

@@ -19,7 +19,8 @@ from diffedit.models import host_memory
 from diffedit.errors import ParameterError
 from diffedit.models import packed_linear
 from diffedit.models.packed_conv import replace_children
-from diffedit.models.packed_linear import PackedLinear, backend_of, linear_backend, pack_linears, unpack_linears
+from diffedit.models.packed_linear import (PackedLinear, PointwiseConv2d, backend_of, fits_kernel, linear_backend,
+                                           pack_linears, unpack_linears)
 from diffedit.pipeline import DiffEditPipeline
 
 CPU = torch.device("cpu")
@@ -202,6 +203,9 @@ def test_pipeline_packs_by_the_backend_and_keeps_its_outputs(tmp_path, monkeypat
     for name in ("unet", "vae", "text_encoder"):
         assert backend_of(getattr(packed, name)) == backend and backend_of(getattr(plain, name)) == "torch"
         assert not any(type(m) is nn.Linear for m in getattr(packed, name).modules())
+        assert not any(fits_kernel(m) for m in getattr(packed, name).modules()) or backend != "kernel"
+    if backend == "kernel":  # the 1x1 convolutions the kernel serves run on it (test_pointwise_conv.py)
+        assert any(isinstance(m, PointwiseConv2d) for m in packed.unet.modules())
     with pytest.raises(ParameterError, match="linear_backend='fast' is not a backend"):
         DiffEditPipeline.from_pretrained(folder, linear_backend="fast")
     context = packed.encode_prompt(["a red circle", ""])

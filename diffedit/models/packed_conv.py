@@ -26,7 +26,8 @@ their weights is a tenth of the UNet call, packing them makes a bf16 UNet call a
 with bit-identical outputs (Intel Xeon with AMX-BF16, README "Speed on the CPU"). In fp32 packing
 them gained nothing in the UNet call on that CPU (within the +-5 % noise) and made single shapes
 up to 25 % slower, as earlier measurements on AMD Zen CPUs had found: fp32 1x1 convolutions stay
-plain. When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed op
+plain here (where the linear layers run on diffedit's fp32 kernel, they run on it too:
+packed_linear.PointwiseConv2d). When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed op
 has no backward).
 """
 

@@ -25,7 +25,9 @@ environment variable DIFFEDIT_CPU_LINEAR, else "auto":
 - "torch": plain `nn.Linear` (torch's default: MKL in fp32, oneDNN in bf16 on CPUs with AVX-512);
 - "onednn": `PackedLinear` on oneDNN, or ParameterError if oneDNN cannot serve the device and dtype;
 - "kernel": `PackedLinear` on diffedit's fp32 kernel (layers whose output width is not a multiple
-  of 16 on oneDNN), or ParameterError if it cannot serve the device and dtype; where the kernel
+  of 16 on oneDNN), and the 1x1 convolutions too (`PointwiseConv2d`: on channels-last activations a
+  1x1 convolution is a linear layer over each pixel's channels; 1.1-3x torch's oneDNN convolution
+  at SD's shapes on a Zen 2), or ParameterError if it cannot serve the device and dtype; where the kernel
   builds only its portable C path, forcing it runs that (correct, slow);
 - "auto": a fixed rule from the CPU's capabilities, never a timing race, so that a run repeats
   bit for bit on a machine of the same kind: "kernel" in fp32 where its AVX2 path builds and
@@ -136,11 +138,60 @@ class PackedLinear(nn.Module):
                 f"{self.backend}")
 
 
+class PointwiseConv2d(nn.Module):
+    """An `nn.Conv2d` with a 1x1 kernel (stride 1, no padding, one group) on diffedit's fp32 linear
+    kernel. On a channels-last input (B, C, H, W) -- the layout of the UNet's and VAE's activations
+    after their first packed convolution -- the channels of each pixel are a contiguous row, so the
+    convolution is x (B*H*W, C) w^T + b, one kernel call on a view, and its output (B, H, W, O) read
+    as (B, O, H, W) is channels-last as oneDNN's would be. Any other input, autograd or a dtype
+    other than fp32 runs `F.conv2d` on the rebuilt plain weight."""
+
+    PROFILER_NAME = "diffedit::cpu_conv1x1"
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        assert fits_kernel(conv), conv
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.groups = (1, 1), 1
+        weight = conv.weight.detach()
+        self.weight = nn.Parameter(cpu_linear.pack(weight.reshape(weight.shape[:2])), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def plain_weight(self) -> torch.Tensor:
+        return cpu_linear.unpack(self.weight)[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ((torch.is_grad_enabled() and x.requires_grad) or x.dtype != torch.float32 or self.weight.dtype != x.dtype
+                or x.device.type != "cpu" or x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last)):
+            return F.conv2d(x, self.plain_weight(), self.bias)
+        pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view
+        return cpu_linear.linear(pixels, self.weight, self.bias, profiler_name=self.PROFILER_NAME).permute(0, 3, 1, 2)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.plain_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), bias={self.bias is not None}, kernel"
+
+
+def fits_kernel(conv: nn.Module) -> bool:
+    """True for a plain `nn.Conv2d` that is a linear map of each pixel's channels (1x1 kernel, stride 1,
+    no padding, one group) with an output width the kernel's 16-column panels divide."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and
+            conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and
+            conv.out_channels % cpu_linear.PANEL == 0)
+
+
 def pack_linears(module: nn.Module, backend: str = "onednn") -> int:
     """Replace every `nn.Linear` inside `module` by a `PackedLinear` on `backend` (in place, one at
     a time, so no second copy of the weights is ever held). With "kernel", layers whose output
-    width the kernel's panels do not divide go to oneDNN. Returns how many were replaced."""
-    def packed(child: nn.Module) -> PackedLinear | None:
+    width the kernel's panels do not divide go to oneDNN, and the 1x1 convolutions the kernel can
+    serve become `PointwiseConv2d`s. Returns how many were replaced."""
+    def packed(child: nn.Module) -> nn.Module | None:
+        if backend == "kernel" and fits_kernel(child):
+            return PointwiseConv2d(child)
         if type(child) is not nn.Linear:
             return None
         fits = backend == "kernel" and child.out_features % cpu_linear.PANEL == 0
@@ -156,9 +207,19 @@ def _plain_linear(packed: PackedLinear) -> nn.Linear:
     return linear
 
 
+def _plain_conv(packed: PointwiseConv2d) -> nn.Conv2d:
+    conv = nn.Conv2d(packed.in_channels, packed.out_channels, 1, bias=packed.bias is not None, device="meta")
+    conv.weight = nn.Parameter(packed.plain_weight(), requires_grad=False)
+    if packed.bias is not None:
+        conv.bias = packed.bias
+    return conv
+
+
 def unpack_linears(module: nn.Module) -> int:
-    """Turn every `PackedLinear` back into a plain `nn.Linear` (same weights). Returns the count."""
-    return replace_children(module, lambda c: _plain_linear(c) if isinstance(c, PackedLinear) else None)
+    """Turn every `PackedLinear` back into a plain `nn.Linear` and every `PointwiseConv2d` into a plain
+    `nn.Conv2d` (same weights). Returns the count."""
+    return replace_children(module, lambda c: _plain_linear(c) if isinstance(c, PackedLinear) else
+                            _plain_conv(c) if isinstance(c, PointwiseConv2d) else None)
 
 
 def on_kernel(layer: nn.Module, y: torch.Tensor) -> bool:
@@ -172,5 +233,6 @@ def on_kernel(layer: nn.Module, y: torch.Tensor) -> bool:
 def backend_of(module: nn.Module) -> str:
     """"kernel" if `module` holds linear layers on diffedit's kernel, else "onednn" if it holds
     packed ones, else "torch"."""
-    backends = {m.backend for m in module.modules() if isinstance(m, PackedLinear)}
+    backends = {"kernel" if isinstance(m, PointwiseConv2d) else m.backend for m in module.modules()
+                if isinstance(m, (PackedLinear, PointwiseConv2d))}
     return "kernel" if "kernel" in backends else "onednn" if backends else "torch"
