@@ -5,6 +5,7 @@ memory, and the ratios issue 7 asks for. A benchmark script, not a test.
     python benchmarks/bench_pipeline.py                  # SD 1.5 architecture, 256 px (~10 min on 2 cores)
     python benchmarks/bench_pipeline.py --quick          # the tiny reference model: checks the script
     python benchmarks/bench_pipeline.py --repeats 2 --json out.json
+    python benchmarks/bench_pipeline.py --size 512       # SD's own resolution (~4x the time)
 
 Workload: n = 10 mask samples, 20 steps, encoding ratio r = 0.8, guidance 7.5, one 256 x 256
 synthetic picture. diffedit runs `generate_mask`, `invert`, `edit` (its defaults: 2n mask samples,
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +352,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny reference model, 32 px, 2 mask samples, 4 steps")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, alternating order")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--size", type=int, default=None,
+                        help="picture side in pixels, a multiple of 64 (default 256; --quick: 32)")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(DEFAULT_RUNS),
                         help="which runs (default: the first three; bf16 is slow on a CPU without native bf16; "
                              "diffedit-bf16-sdpa: bf16 with torch's attention)")
@@ -363,7 +366,12 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
+    if args.size is not None and (args.size < 64 or args.size % 64):
+        parser.error(f"--size must be a positive multiple of 64 (the UNet halves the latents three times), "
+                     f"got {args.size}")
     w = Workload(arch="tiny", size=32, mask_samples=2, steps=4) if args.quick else Workload()
+    if args.size is not None:
+        w = replace(w, size=args.size)
     model = ensure_model(w.arch, model_folder(args.cache, args.quick))
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)

@@ -260,14 +260,16 @@ def test_profile_script_quick_mode_runs(tmp_path):
         assert float(row[-2]) > 0 and row[-1].endswith("%")
 
 
-@pytest.mark.parametrize("script, args", [("bench_pipeline.py", ["--repeats", "0"]),
-                                          ("profile_unet.py", ["--calls", "0"]),
-                                          ("profile_unet.py", ["--batch", "-1"])])
-def test_benchmark_scripts_refuse_bad_counts_in_one_line(script, args, tmp_path):
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_pipeline.py", ["--repeats", "0"], "must be at least 1"),
+    ("bench_pipeline.py", ["--size", "100"], "--size must be a positive multiple of 64"),
+    ("profile_unet.py", ["--calls", "0"], "must be at least 1"),
+    ("profile_unet.py", ["--batch", "-1"], "must be at least 1")])
+def test_benchmark_scripts_refuse_bad_counts_in_one_line(script, args, message, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--cache",
                           str(tmp_path / "model"), *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "must be at least 1" in out.stderr.strip().splitlines()[-1]
+    assert message in out.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "model").exists()  # refused before building anything
 
 
