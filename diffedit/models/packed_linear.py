@@ -26,8 +26,8 @@ environment variable DIFFEDIT_CPU_LINEAR, else "auto":
 - "onednn": `PackedLinear` on oneDNN, or ParameterError if oneDNN cannot serve the device and dtype;
 - "kernel": `PackedLinear` on diffedit's fp32 kernel (layers whose output width is not a multiple
   of 16 on oneDNN), and the 1x1 convolutions too (`PointwiseConv2d`: on channels-last activations a
-  1x1 convolution is a linear layer over each pixel's channels; 1.1-3x torch's oneDNN convolution
-  at SD's shapes on a Zen 2), or ParameterError if it cannot serve the device and dtype; where the kernel
+  1x1 convolution is a linear layer over each pixel's channels; 1.01x-3.1x torch's oneDNN
+  convolution at SD's shapes on a Zen 2), or ParameterError if it cannot serve the device and dtype; where the kernel
   builds only its portable C path, forcing it runs that (correct, slow);
 - "auto": a fixed rule from the CPU's capabilities, never a timing race, so that a run repeats
   bit for bit on a machine of the same kind: "kernel" in fp32 where its AVX2 path builds and
