@@ -87,7 +87,7 @@ class DiffEditPipeline:
         same results up to rounding, faster; figures in the README); pack_convolutions=False keeps
         plain `nn.Conv2d`s. The linear layers of all three models run on `linear_backend` ("auto",
         "torch", "onednn", "kernel"; None: the DIFFEDIT_CPU_LINEAR variable, else "auto";
-        models/packed_linear.py)."""
+        models/packed_linear.py); on "kernel" the UNet's and VAE's 1x1 convolutions too."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         linear = packed_linear.linear_backend(device, dtype, linear_backend)  # refuses before loading
