@@ -87,7 +87,8 @@ class DiffEditPipeline:
         same results up to rounding, faster; figures in the README); pack_convolutions=False keeps
         plain `nn.Conv2d`s. The linear layers of all three models run on `linear_backend` ("auto",
         "torch", "onednn", "kernel"; None: the DIFFEDIT_CPU_LINEAR variable, else "auto";
-        models/packed_linear.py); on "kernel" the UNet's and VAE's 1x1 convolutions too."""
+        models/packed_linear.py); on "kernel", with packed convolutions, the UNet's and VAE's 1x1
+        convolutions too."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         linear = packed_linear.linear_backend(device, dtype, linear_backend)  # refuses before loading
@@ -101,8 +102,10 @@ class DiffEditPipeline:
                 model.vae.to(memory_format=torch.channels_last)
             if pack_convolutions and packed_conv.can_pack(device, dtype):
                 one_by_one = dtype == torch.bfloat16  # 1x1 too: faster in bf16 only (packed_conv.py)
-                packed_conv.pack_convolutions(model.unet, one_by_one)
-                packed_conv.pack_convolutions(model.vae, one_by_one)
+                for network in (model.unet, model.vae):
+                    packed_conv.pack_convolutions(network, one_by_one)
+                    if linear == "kernel":  # fp32 1x1s on the linear kernel: the activations are channels-last now
+                        packed_linear.pack_pointwise_convolutions(network)
             if linear != "torch":
                 for network in (model.unet, model.vae, model.text_encoder):
                     packed_linear.pack_linears(network, linear)

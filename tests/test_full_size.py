@@ -126,13 +126,15 @@ def test_models_with_packed_convolutions_and_linear_layers(full, backend):
     every linear layer packed for oneDNN or for diffedit's kernel, packed_linear.py) meets the same
     bar; the models are unpacked again afterwards."""
     from diffedit.models.packed_conv import pack_convolutions, unpack_convolutions
-    from diffedit.models.packed_linear import backend_of, pack_linears, unpack_linears
+    from diffedit.models.packed_linear import backend_of, pack_linears, pack_pointwise_convolutions, unpack_linears
     if not torch.backends.mkldnn.is_available():
         pytest.fail("torch was built without oneDNN: the pipeline's CPU path cannot be checked")
     model = full.model
     count = pack_convolutions(model.unet) + pack_convolutions(model.vae)
     linears = {name: pack_linears(getattr(model, name), backend) for name in ("unet", "vae", "text_encoder")}
-    try:  # with "kernel", the 1x1 convolutions too (packed_linear.PointwiseConv2d; SD 1's proj_in/out)
+    try:
+        if backend == "kernel":  # as the pipeline does: the 1x1 convolutions too (ResNet shortcuts; SD 1's proj_in/out)
+            assert pack_pointwise_convolutions(model.unet) >= 14 and pack_pointwise_convolutions(model.vae) == 4
         assert count > 80 and linears["unet"] > 100 and linears["vae"] >= 4 and linears["text_encoder"] > 40
         assert all(backend_of(getattr(model, name)) == backend for name in linears)
         for size in LATENT_SIZES:

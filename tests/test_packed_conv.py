@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from diffedit.devices import PrecisionWarning
 from diffedit.models import packed_conv
+from diffedit.models.packed_linear import PointwiseConv2d
 from diffedit.models.packed_conv import PackedConv2d, can_pack, pack_convolutions, unpack_convolutions
 from diffedit.pipeline import DiffEditPipeline
 
@@ -179,6 +180,7 @@ def test_pipeline_packs_on_the_cpu_and_can_be_told_not_to(tmp_path):
     assert any(isinstance(m, PackedConv2d) for m in packed.unet.modules())
     assert any(isinstance(m, PackedConv2d) for m in packed.vae.modules())
     assert not any(isinstance(m, PackedConv2d) for m in plain.unet.modules())
+    assert not any(isinstance(m, PointwiseConv2d) for m in plain.unet.modules())  # activations NCHW: plain 1x1s
     latents = torch.randn(2, 4, 8, 8)
     context = plain.encode_prompt(["a red circle", ""])
     t = torch.tensor([500, 500])

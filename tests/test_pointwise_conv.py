@@ -8,11 +8,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from diffedit.models.packed_linear import (PointwiseConv2d, PackedLinear, backend_of, fits_kernel, pack_linears,
-                                           unpack_linears)
+                                           pack_pointwise_convolutions, unpack_linears)
 
 REL = 1e-5  # another summation order (measured <= 3e-6 on SD's shapes)
 CL = torch.channels_last
@@ -84,7 +83,8 @@ def test_plain_weights_in_state_dict_and_unpack_restores_the_convolution():
         expected = model(x)
         assert pack_linears(model, "onednn") == 1 and not any(isinstance(m, PointwiseConv2d) for m in model)
         unpack_linears(model)
-        assert pack_linears(model, "kernel") == 3 and backend_of(model) == "kernel"
+        assert pack_linears(model, "kernel") == 1 and not any(isinstance(m, PointwiseConv2d) for m in model)
+        assert pack_pointwise_convolutions(model) == 2 and backend_of(model) == "kernel"
         assert [type(m).__name__ for m in model] == ["PointwiseConv2d", "SiLU", "Sequential", "Conv2d", "Conv2d",
                                                      "Conv2d", "Conv2d", "PackedLinear"]
         assert isinstance(model[2][0], PointwiseConv2d) and isinstance(model[7], PackedLinear)

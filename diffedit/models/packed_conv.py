@@ -27,8 +27,8 @@ with bit-identical outputs (Intel Xeon with AMX-BF16, README "Speed on the CPU")
 them gained nothing in the UNet call on that CPU (within the +-5 % noise) and made single shapes
 up to 25 % slower, as earlier measurements on AMD Zen CPUs had found: fp32 1x1 convolutions stay
 plain here (where the linear layers run on diffedit's fp32 kernel, they run on it too:
-packed_linear.PointwiseConv2d). When autograd is recording, the plain weight is rebuilt and `F.conv2d` runs (the packed op
-has no backward).
+packed_linear.PointwiseConv2d). When autograd is recording, the plain weight is rebuilt and
+`F.conv2d` runs (the packed op has no backward).
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def pack_convolutions(module: nn.Module, one_by_one: bool = False) -> int:
                             (one_by_one or c.kernel_size != (1, 1)) else None)
 
 
-def _plain_conv(packed: PackedConv2d) -> nn.Conv2d:
+def plain_conv(packed: nn.Module) -> nn.Conv2d:
+    """The plain `nn.Conv2d` of a packed one (its attributes and `plain_weight()`), same weights."""
     conv = nn.Conv2d(packed.in_channels, packed.out_channels, packed.kernel_size, packed.stride, packed.padding,
                      packed.dilation, packed.groups, bias=packed.bias is not None, device="meta")
     conv.weight = nn.Parameter(packed.plain_weight().detach(), requires_grad=False)
@@ -161,4 +162,4 @@ def _plain_conv(packed: PackedConv2d) -> nn.Conv2d:
 
 def unpack_convolutions(module: nn.Module) -> int:
     """Turn every `PackedConv2d` back into a plain `nn.Conv2d` (same weights). Returns the count."""
-    return replace_children(module, lambda c: _plain_conv(c) if isinstance(c, PackedConv2d) else None)
+    return replace_children(module, lambda c: plain_conv(c) if isinstance(c, PackedConv2d) else None)

@@ -25,10 +25,11 @@ environment variable DIFFEDIT_CPU_LINEAR, else "auto":
 - "torch": plain `nn.Linear` (torch's default: MKL in fp32, oneDNN in bf16 on CPUs with AVX-512);
 - "onednn": `PackedLinear` on oneDNN, or ParameterError if oneDNN cannot serve the device and dtype;
 - "kernel": `PackedLinear` on diffedit's fp32 kernel (layers whose output width is not a multiple
-  of 16 on oneDNN), and the 1x1 convolutions too (`PointwiseConv2d`: on channels-last activations a
-  1x1 convolution is a linear layer over each pixel's channels; 1.01x-3.1x torch's oneDNN
-  convolution at SD's shapes on a Zen 2), or ParameterError if it cannot serve the device and dtype; where the kernel
-  builds only its portable C path, forcing it runs that (correct, slow);
+  of 16 on oneDNN), or ParameterError if it cannot serve the device and dtype; where the kernel
+  builds only its portable C path, forcing it runs that (correct, slow). Where the 3x3
+  convolutions are packed (so the activations are channels-last), the pipeline puts the 1x1
+  convolutions on the kernel too (`PointwiseConv2d`: there a 1x1 convolution is a linear layer over
+  each pixel's channels; 1.01x-3.1x torch's oneDNN convolution at SD's shapes on a Zen 2);
 - "auto": a fixed rule from the CPU's capabilities, never a timing race, so that a run repeats
   bit for bit on a machine of the same kind: "kernel" in fp32 where its AVX2 path builds and
   torch's CPU capability is AVX2 (kernels/cpu_linear.py: `chosen`); else "onednn" on an x86 CPU
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from diffedit import devices
 from diffedit.kernels import cpu_geglu, cpu_linear
 from diffedit.errors import ParameterError
-from diffedit.models.packed_conv import replace_children
+from diffedit.models.packed_conv import plain_conv, replace_children
 
 VARIABLE = "DIFFEDIT_CPU_LINEAR"
 BACKENDS = ("auto", "torch", "onednn", "kernel")
@@ -147,12 +148,13 @@ class PointwiseConv2d(nn.Module):
     other than fp32 runs `F.conv2d` on the rebuilt plain weight."""
 
     PROFILER_NAME = "diffedit::cpu_conv1x1"
+    backend = "kernel"
+    kernel_size, stride, padding, dilation, groups = (1, 1), (1, 1), (0, 0), (1, 1), 1  # as in fits_kernel
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         assert fits_kernel(conv), conv
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.groups = (1, 1), 1
         weight = conv.weight.detach()
         self.weight = nn.Parameter(cpu_linear.pack(weight.reshape(weight.shape[:2])), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
@@ -167,10 +169,7 @@ class PointwiseConv2d(nn.Module):
         pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view
         return cpu_linear.linear(pixels, self.weight, self.bias, profiler_name=self.PROFILER_NAME).permute(0, 3, 1, 2)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.plain_weight()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+    _save_to_state_dict = PackedLinear._save_to_state_dict  # the plain weight, as nn.Conv2d's
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), bias={self.bias is not None}, kernel"
@@ -187,11 +186,8 @@ def fits_kernel(conv: nn.Module) -> bool:
 def pack_linears(module: nn.Module, backend: str = "onednn") -> int:
     """Replace every `nn.Linear` inside `module` by a `PackedLinear` on `backend` (in place, one at
     a time, so no second copy of the weights is ever held). With "kernel", layers whose output
-    width the kernel's panels do not divide go to oneDNN, and the 1x1 convolutions the kernel can
-    serve become `PointwiseConv2d`s. Returns how many were replaced."""
-    def packed(child: nn.Module) -> nn.Module | None:
-        if backend == "kernel" and fits_kernel(child):
-            return PointwiseConv2d(child)
+    width the kernel's panels do not divide go to oneDNN. Returns how many were replaced."""
+    def packed(child: nn.Module) -> PackedLinear | None:
         if type(child) is not nn.Linear:
             return None
         fits = backend == "kernel" and child.out_features % cpu_linear.PANEL == 0
@@ -207,19 +203,19 @@ def _plain_linear(packed: PackedLinear) -> nn.Linear:
     return linear
 
 
-def _plain_conv(packed: PointwiseConv2d) -> nn.Conv2d:
-    conv = nn.Conv2d(packed.in_channels, packed.out_channels, 1, bias=packed.bias is not None, device="meta")
-    conv.weight = nn.Parameter(packed.plain_weight(), requires_grad=False)
-    if packed.bias is not None:
-        conv.bias = packed.bias
-    return conv
+def pack_pointwise_convolutions(module: nn.Module) -> int:
+    """Replace every 1x1 convolution inside `module` that the kernel serves (`fits_kernel`) by a
+    `PointwiseConv2d` (in place, one at a time). For models whose activations are channels-last,
+    i.e. whose 3x3 convolutions are packed (on other inputs it runs F.conv2d on a rebuilt weight).
+    Returns how many were replaced."""
+    return replace_children(module, lambda c: PointwiseConv2d(c) if fits_kernel(c) else None)
 
 
 def unpack_linears(module: nn.Module) -> int:
     """Turn every `PackedLinear` back into a plain `nn.Linear` and every `PointwiseConv2d` into a plain
     `nn.Conv2d` (same weights). Returns the count."""
     return replace_children(module, lambda c: _plain_linear(c) if isinstance(c, PackedLinear) else
-                            _plain_conv(c) if isinstance(c, PointwiseConv2d) else None)
+                            plain_conv(c) if isinstance(c, PointwiseConv2d) else None)
 
 
 def on_kernel(layer: nn.Module, y: torch.Tensor) -> bool:
@@ -233,6 +229,5 @@ def on_kernel(layer: nn.Module, y: torch.Tensor) -> bool:
 def backend_of(module: nn.Module) -> str:
     """"kernel" if `module` holds linear layers on diffedit's kernel, else "onednn" if it holds
     packed ones, else "torch"."""
-    backends = {"kernel" if isinstance(m, PointwiseConv2d) else m.backend for m in module.modules()
-                if isinstance(m, (PackedLinear, PointwiseConv2d))}
+    backends = {m.backend for m in module.modules() if isinstance(m, (PackedLinear, PointwiseConv2d))}
     return "kernel" if "kernel" in backends else "onednn" if backends else "torch"
