@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import unicodedata
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -164,16 +165,20 @@ def prompts(prompt: str | Sequence[str], batch: int, name: str) -> list[str]:
     return [" ".join(p.split()) for p in items]
 
 
-def check_prompt_pairs(sources: Sequence[str], targets: Sequence[str]) -> None:
-    """Refuse an empty target, and a target equal to its source: the noise predictions would be
-    equal, the mask empty and nothing edited. Prompts are compared whitespace-normalised."""
+def check_prompt_pairs(sources: Sequence[str], targets: Sequence[str],
+                       tokenize: Callable[[str], Sequence[int]] | None = None) -> None:
+    """Refuse an empty target, and a target the text encoder cannot tell from its source: the noise
+    predictions would be equal, the mask empty and nothing edited. Prompts are compared as the
+    tokenizer normalises them (Unicode NFC, whitespace runs, lower case: "A Dog" is "a dog") and,
+    with `tokenize` (text -> the ids the encoder reads, truncated), by their token ids."""
     for source, target in zip(sources, targets):
-        source, target = " ".join(source.split()), " ".join(target.split())
+        source, target = (unicodedata.normalize("NFC", " ".join(p.split())).lower() for p in (source, target))
         if not target:
             raise PromptError("the target prompt is empty; say what the edited image should show (e.g. 'a dog').")
-        if source == target:
-            raise PromptError(f"the source and target prompts are the same ({target!r}), so the mask would be empty "
-                              "and nothing would change; give a target that differs from the source.")
+        if source == target or (tokenize is not None and list(tokenize(source)) == list(tokenize(target))):
+            raise PromptError(f"the source and target prompts read the same to the text encoder ({target!r}; case "
+                              "and what lies past its token limit do not count), so the mask would be empty and "
+                              "nothing would change; give a target that differs from the source.")
 
 
 # ---------------------------------------------------------------------- numbers

@@ -219,13 +219,15 @@ class DiffEditPipeline:
         on the CPU, where the packed UNet costs the same per sample at batch 2 as at 8 and 10
         and the decoding runs at batch 2 too, so the weights stay packed for one shape; 8 on GPUs).
         The samples are streamed, so memory does not depend on n; the per-sample maps (B, n, h, w)
-        are kept with return_per_sample=True, by default (None) only up to n = PER_SAMPLE_UP_TO."""
+        are kept with return_per_sample=True, by default (None) only up to n = PER_SAMPLE_UP_TO.
+        One `generator` draws a batch's noise image after image, so an image's mask depends on its
+        place in the batch; to reproduce one image's mask, run it alone with the same seed."""
         if chunk_size is None:
             chunk_size = 2 if self.device.type == "cpu" else 8
         encoded = self.encode_image(image, resolution=resolution)
         B = encoded.latents.shape[0]
         sources, targets = prompts(source_prompt, B, "source_prompt"), prompts(target_prompt, B, "target_prompt")
-        check_prompt_pairs(sources, targets)
+        check_prompt_pairs(sources, targets, lambda text: self.tokenizer.encode(text)[:self.tokenizer.max_length - 2])
         t = self.scheduler.step_pairs(num_inference_steps, noise_strength, "noise_strength")[0][0]
         x0 = encoded.latents
         if noise is not None and (noise.dim() != 5 or noise.shape[0] != B or noise.shape[2:] != x0.shape[1:]):
@@ -295,9 +297,17 @@ class DiffEditPipeline:
         Ablations: use_mask=False (encode-decode, no mask), encode=False (start from and blend
         with noised latents: "DiffEdit w/o encoding"), both False = SDEdit; blend "paper",
         "glide" (x0 interpolation) or "diffusers" (the deprecated pipeline's off-by-one blend).
-        A strength above the inversion's, or another step count, re-runs the inversion."""
+        A strength above the inversion's, or another step count, re-runs the inversion. `mask`: a
+        MaskResult (its binary mask, or its soft map with soft_mask=True), or a tensor, array,
+        image or path (1 = edit) of latent or pixel size; a pixel mask is averaged over each latent
+        cell, and without soft_mask a cell is edited when that average is at least 0.5."""
         steps = num_inference_steps or inversion.num_inference_steps
         strength = inversion.strength if strength is None else strength
+        pairs = self.scheduler.step_pairs(steps, strength)
+        if float(self.scheduler.alpha_bar_at(pairs[0][0])) == 0.0:   # zero terminal SNR, the last timestep
+            raise ParameterError(f"this model's schedule has no signal left at timestep {pairs[0][0]} (alpha_bar = 0, "
+                                 f"zero terminal SNR), where a noise prediction cannot give the image back; use a "
+                                 f"strength below 1 (e.g. {1 - 1 / steps:g}).")
         if encode and (steps != inversion.num_inference_steps or strength > inversion.strength):
             inversion = self.invert(inversion.encoded, inversion.prompt, strength=strength, num_inference_steps=steps,
                                     guidance_scale=inversion.guidance_scale, negative_prompt=inversion.negative_prompt)
@@ -306,7 +316,6 @@ class DiffEditPipeline:
         x0 = encoded.latents
         texts = prompts(prompt, B, "prompt")
         negatives = prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt")
-        pairs = self.scheduler.step_pairs(steps, strength)
         latent_mask = latent_mask_of(mask, x0, soft_mask) if use_mask else None
         if encode:
             reference = inversion.latent_at

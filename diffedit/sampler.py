@@ -14,8 +14,9 @@ Timestep conventions (the pipeline relies on them):
 - Inversion walks the same pairs backwards, (t_from, t_to) = (t_prev, t). The UNet is evaluated at
   the destination t_to on the latent x_{t_from}, as in diffusers' DDIMInverseScheduler and
   null-text inversion, so both directions of a pair call the UNet at the same timestep.
-- A strength r on an n-step grid keeps the last k = min(int(n r), n) steps (diffusers' DiffEdit
-  `get_timesteps`). Inversion pairs are ascending, so one inversion to strength R holds, after
+- A strength r on an n-step grid keeps the last k = min(floor(n r), n) steps (diffusers' DiffEdit
+  `get_timesteps`, whose int() also drops a step where n r falls just short of an integer in
+  floating point, e.g. 50 x 0.58; here those keep their step). Inversion pairs are ascending, so one inversion to strength R holds, after
   its k-th pair, the latent a decode at any strength r <= R with k steps starts from.
 
 All arithmetic is float32 whatever the latents' dtype, and results are float32.
@@ -119,13 +120,14 @@ class DDIM:
         return t
 
     def num_steps(self, num_inference_steps: int, strength: float, name: str = "strength") -> int:
-        """k = min(int(n * strength), n): the steps a strength keeps (diffusers' DiffEdit get_timesteps).
+        """k = min(floor(n * strength), n): the steps a strength keeps (diffusers' DiffEdit get_timesteps),
+        forgiving float error: 50 x 0.58 = 28.999999999999996 keeps 29 steps (diffusers' int(): 28).
         `name` is the caller's name of the strength in messages (e.g. noise_strength, --mask-noise)."""
         check("strength", strength, name)
-        k = min(int(num_inference_steps * strength), num_inference_steps)
+        k = min(int(num_inference_steps * strength + 1e-9), num_inference_steps)
         if k < 1:
             raise ParameterError(f"{name} {strength} leaves no step out of {num_inference_steps} "
-                                 f"(int(steps * {name}) = 0); raise {name} or the number of steps.")
+                                 f"(floor(steps * {name}) = 0); raise {name} or the number of steps.")
         return k
 
     def step_pairs(self, num_inference_steps: int, strength: float = 1.0, name: str = "strength",

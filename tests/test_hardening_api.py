@@ -357,3 +357,19 @@ def test_too_long_paths_are_one_line(which, phrase, tmp_path, capsys, monkeypatc
     code, _, err = run_cli([*argv, "--source", "a", "--target", "b", *FAST], capsys)
     assert code == 2 and len(err) == 1 and phrase in err[0], err
     assert snapshot(tmp_path) == before
+
+
+def test_zero_terminal_snr_at_full_strength_is_refused(pipe, inversion, monkeypatch):
+    """With alpha_bar_999 = 0 (rescale_betas_zero_snr, trailing spacing) a decode from t = 999 would
+    divide 0 by 0 to get pred_x0 from a noise prediction (NaN everywhere): refused, named; below 1 it runs."""
+    import dataclasses
+    from diffedit.sampler import DDIM
+    zero_snr = DDIM(dataclasses.replace(pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"))
+    assert float(zero_snr.alpha_bar_at(999)) == 0.0
+    monkeypatch.setattr(pipe, "scheduler", zero_snr)
+    with pytest.raises(errors.ParameterError, match="no signal left at timestep 999.*strength below 1"):
+        pipe.edit(inversion, torch.ones(8, 8), "a red square", strength=1.0, num_inference_steps=4)
+    full = pipe.invert(IMAGE, strength=1.0, num_inference_steps=4)   # the inversion may reach t = 999
+    assert bool(torch.isfinite(full.latents).all())
+    result = pipe.edit(full, torch.ones(8, 8), "a red square", strength=0.75)
+    assert bool(torch.isfinite(result.latents).all())

@@ -270,8 +270,13 @@ CASES = [
     Case("prompt-too-long", plain(prompts=("a cat", LONG)), None, ("prompt truncated to 77 tokens", "tokens dropped")),
     Case("prompt-non-ascii", plain(prompts=("un chat élégant", "一只狗 🐶, ñandú"))),
     Case("prompt-source-equals-target", plain(prompts=("a cat", "a cat")), "PromptError",
-         ("the source and target prompts are the same", "the mask would be empty")),
-    Case("prompt-equal-up-to-spaces", plain(prompts=("a  cat ", "a cat")), "PromptError", ("are the same",)),
+         ("the source and target prompts read the same to the text encoder", "the mask would be empty")),
+    Case("prompt-equal-up-to-spaces", plain(prompts=("a  cat ", "a cat")), "PromptError", ("read the same",)),
+    # the tokenizer lower-cases: the two embeddings would be equal
+    Case("prompt-equal-up-to-case", plain(prompts=("A Cat", "a cat")), "PromptError", ("read the same",)),
+    # equal up to the 75th token; what differs is cut by the text encoder's limit
+    Case("prompt-equal-up-to-truncation", plain(prompts=(LONG + " cat", LONG + " dog")), "PromptError",
+         ("read the same", "past its token limit")),
     # ---- parameters
     Case("strength-zero", plain("--strength", "0"), "UsageError", ("--strength", "(0, 1]")),
     Case("strength-above-one", plain("--strength", "1.5"), "UsageError", ("--strength", "(0, 1]", "1.5")),

@@ -110,7 +110,10 @@ def test_strength_arithmetic_matches_diffedit_pipeline(config, spacing):
                 with pytest.raises(ParameterError):
                     mine.step_pairs(n, strength)
                 continue
-            decode, _ = StableDiffusionDiffEditPipeline.get_timesteps(pipe, n, strength, "cpu")
+            k = round(n * strength) if abs(n * strength - round(n * strength)) < 1e-9 else int(n * strength)
+            assert mine.num_steps(n, strength) == k  # 50 x 0.58 keeps 29 steps; diffusers' int() gives 28
+            oracle = (k + 0.5) / n if k != int(n * strength) else strength  # diffusers at the same k
+            decode, _ = StableDiffusionDiffEditPipeline.get_timesteps(pipe, n, oracle, "cpu")
             pairs = mine.step_pairs(n, strength)
             assert [t for t, _ in pairs] == decode.tolist()
             # t_prev is the next grid timestep; diffusers' stride t - T // n agrees for "leading"
@@ -119,7 +122,7 @@ def test_strength_arithmetic_matches_diffedit_pipeline(config, spacing):
                 assert [p for _, p in pairs] == [max(int(t) - 1000 // n, -1) for t in decode]
             if spacing != "linspace":
                 pipe.inverse_scheduler.set_timesteps(n)
-                encode, _ = StableDiffusionDiffEditPipeline.get_inverse_timesteps(pipe, n, strength, "cpu")
+                encode, _ = StableDiffusionDiffEditPipeline.get_inverse_timesteps(pipe, n, oracle, "cpu")
                 assert [t for _, t in mine.inverse_pairs(n, strength)] == encode.tolist()
 
 
@@ -241,7 +244,7 @@ def test_decoding_inverted_latent_with_fixed_eps_returns_the_image(config, spaci
 def test_one_inversion_serves_every_smaller_strength(spacing, n, r, big_r):
     mine = ours(dict(SD, timestep_spacing=spacing))
     r, big_r = sorted((r, big_r))
-    k = int(n * r)
+    k = int(n * r + 1e-9)
     assume(k >= 1)
     encode = mine.inverse_pairs(n, big_r)
     decode = mine.step_pairs(n, r)
@@ -250,6 +253,14 @@ def test_one_inversion_serves_every_smaller_strength(spacing, n, r, big_r):
     assert decode == mine.step_pairs(n, big_r)[len(encode) - k:]
     reached = [-1] + [t for _, t in encode]  # every t_prev of the decode is an encoded level
     assert all(t_prev in reached for _, t_prev in decode)
+
+
+def test_a_strength_of_k_over_n_keeps_k_steps():
+    """n x (k / n) is not always k in floating point (50 x 0.58 = 28.999999999999996): no step is lost."""
+    mine = ours(SD)
+    lost = [(n, k) for n in range(1, 1001) for k in range(1, n + 1) if mine.num_steps(n, k / n) != k]
+    assert not lost, lost[:5]
+    assert sum(int(n * (k / n)) != k for n in range(1, 1001) for k in range(1, n + 1)) > 1000  # int() would lose them
 
 
 @pytest.mark.parametrize("steps", (0, -3, 1001))

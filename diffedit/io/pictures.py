@@ -141,7 +141,9 @@ def mask_tensor(mask) -> torch.Tensor:
 
 def latent_mask_of(mask, x0: torch.Tensor, soft: bool) -> torch.Tensor:
     """The mask as (B, 1, h, w) float at latent resolution, from a MaskResult, a tensor of
-    latent or pixel size, or an image (resized; values must lie in [0, 1])."""
+    latent or pixel size, or an image (values in [0, 1]). Another size is averaged over each latent
+    cell (area); unless `soft`, the mask is then binary: a cell is edited when at least half of it
+    is (so a mask picture of generate_mask reads back as the mask it shows, not grown)."""
     h, w = x0.shape[-2:]
     if hasattr(mask, "soft") and hasattr(mask, "mask"):   # a MaskResult
         m = (mask.soft if soft else mask.mask).float()
@@ -158,7 +160,13 @@ def latent_mask_of(mask, x0: torch.Tensor, soft: bool) -> torch.Tensor:
     if m.min() < 0 or m.max() > 1:
         raise ParameterError("mask values must lie in [0, 1] (1 = edit, 0 = keep); rescale the mask.")
     if m.shape[-2:] != (h, w):
-        m = F.adaptive_max_pool2d(m, (h, w)) if not soft else F.interpolate(m, (h, w), mode="area")
+        m = F.interpolate(m, (h, w), mode="area")
+    if not soft:
+        marked = m.flatten(1).amax(1) > 0
+        m = (m >= 0.5).float()
+        if bool((marked & (m.flatten(1).amax(1) == 0)).any()):
+            raise ParameterError(f"the mask marks no latent cell ({x0.shape[-1]} x {x0.shape[-2]} cells) by half or "
+                                 "more, so nothing would be edited; mark a larger region, or pass soft_mask=True.")
     if m.shape[0] == 1 and x0.shape[0] > 1:
         m = m.expand(x0.shape[0], -1, -1, -1)
     if m.shape[0] != x0.shape[0]:

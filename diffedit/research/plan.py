@@ -89,8 +89,8 @@ class SweepConfig:
                 for v in values:
                     check(axis, v, f"the grid axis {axis!r}")
             for steps, r in itertools.product(g["num_inference_steps"], g["strength"]):
-                if int(steps * r) < 1:
-                    raise ParameterError(f"strength {r} leaves no step out of {steps} (int(steps * r) = 0); "
+                if int(steps * r + 1e-9) < 1:   # as DDIM.num_steps counts them
+                    raise ParameterError(f"strength {r} leaves no step out of {steps} (floor(steps * r) = 0); "
                                          "raise the strength or the number of steps.")
         if not isinstance(self.metrics, dict) or not all(isinstance(v, dict) and {"factory", "weights"} <= set(v)
                                                          for v in self.metrics.values()):
