@@ -139,11 +139,11 @@ def door(function):
         except TypeError as e:
             raise ParameterError(f"{function.__name__}(): {e}; see help(DiffEditPipeline.{function.__name__}).") \
                 from None
-        check_arguments(settings, bound.arguments)
+        check_arguments(settings, bound.arguments)   # NumPy numbers become Python ones here
         for name in names:
             if name in bound.arguments:
                 ARGUMENTS[name](bound.arguments[name], name)
-        return function(*args, **kwargs)
+        return function(*bound.args, **bound.kwargs)
     return wrapper
 
 

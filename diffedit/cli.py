@@ -137,11 +137,8 @@ def plan_outputs(image: Path, wanted: dict[str, str | None], overwrite: bool, pr
 
 def load_pipeline(args: argparse.Namespace):
     """The pipeline of --model (default: the embedded model), on --device in --dtype."""
-    from diffedit.devices import parse_device, parse_dtype
     from diffedit.pipeline import DiffEditPipeline
-    device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
-    return DiffEditPipeline.from_pretrained(args.model, device=device, dtype=dtype, preset=args.preset)
+    return DiffEditPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, preset=args.preset)
 
 
 def check_schedule(pipe, steps: int, strengths: dict[str, float]) -> None:
@@ -195,8 +192,7 @@ def run_edit(args: argparse.Namespace) -> int:
                                       noise_strength=args.mask_noise_strength,
                                       num_inference_steps=args.num_inference_steps, threshold=args.threshold,
                                       generator=generator)
-            _warn_if_empty(mask)
-            mask_image = mask.mask_images[0]
+            mask_image = mask.mask_images[0]   # an empty mask: edit() says so
         else:
             mask = user_mask
             mask_image = mask_picture(user_mask)

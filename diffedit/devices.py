@@ -53,7 +53,7 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         raise ParameterError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N').") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ParameterError("CUDA was asked for but this machine has no CUDA device (or torch was built without "
-                             "CUDA); use device='cpu'.")
+                             "CUDA); use the CPU (device='cpu', --device cpu).")
     if device.type not in ("cpu", "cuda"):
         raise ParameterError(f"device {device.type!r} is not supported; use 'cpu' or 'cuda'.")
     return device
@@ -73,7 +73,7 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
                              "use bf16 for speed or fp32 as the reference.")
     if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
         warnings.warn("this CPU has no native bf16 (no AVX-512 or AMX): torch emulates bf16 convolutions, which "
-                      "makes bf16 several times slower than fp32 here; use dtype='fp32' for speed.",
+                      "makes bf16 several times slower than fp32 here; use fp32 for speed (dtype='fp32', --dtype fp32).",
                       PrecisionWarning, stacklevel=3)
     return dtype
 

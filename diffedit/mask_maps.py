@@ -96,6 +96,7 @@ def dilate(mask: torch.Tensor, cells: int) -> torch.Tensor:
     """Grow a (B, h, w) boolean mask by `cells` latent cells (a square max filter)."""
     if cells <= 0:
         return mask
+    cells = min(cells, max(mask.shape[-2:]))  # further than the map's side changes nothing
     return F.max_pool2d(mask[:, None].float(), 2 * cells + 1, stride=1, padding=cells)[:, 0] > 0
 
 

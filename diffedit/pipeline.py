@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -89,6 +90,8 @@ class DiffEditPipeline:
         "torch", "onednn", "kernel"; None: the DIFFEDIT_CPU_LINEAR variable, else "auto";
         models/packed_linear.py); on "kernel", with packed convolutions, the UNet's and VAE's 1x1
         convolutions too."""
+        if not isinstance(pack_convolutions, bool):
+            raise ParameterError(f"pack_convolutions must be True or False, got {pack_convolutions!r}.")
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         linear = packed_linear.linear_backend(device, dtype, linear_backend)  # refuses before loading
@@ -114,8 +117,9 @@ class DiffEditPipeline:
 
     # ------------------------------------------------------------------ model calls
 
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+    def encode_prompt(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Text hidden states (B, L, D) in the model dtype, each prompt encoded once per pipeline."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             ids = self.tokenizer(missing).to(self.device)
@@ -182,7 +186,11 @@ class DiffEditPipeline:
         return latents
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1] (fp32), clamped."""
+        """Scaled latents (B, C, h, w), C the VAE's latent channels -> images in [-1, 1] (fp32), clamped."""
+        channels = self.config.vae.latent_channels
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != channels:
+            shown = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ParameterError(f"latents must be a tensor (batch, {channels}, height / 8, width / 8), got {shown}.")
         z = (latents / self.config.vae.scaling_factor).to(self.dtype)
         with torch.inference_mode():
             pixels = decode_sliced(self.vae, z).float()
@@ -317,6 +325,10 @@ class DiffEditPipeline:
         texts = prompts(prompt, B, "prompt")
         negatives = prompts(negative_prompt if negative_prompt is not None else "", B, "negative prompt")
         latent_mask = latent_mask_of(mask, x0, soft_mask) if use_mask else None
+        if latent_mask is not None and not bool(latent_mask.any()):
+            warnings.warn("the mask is empty (no latent cell is marked), so the edit only reconstructs the input; "
+                          "mark a region, or for a generated mask lower the threshold or rephrase the prompts.",
+                          UserWarning, stacklevel=3)
         if encode:
             reference = inversion.latent_at
         else:

@@ -28,6 +28,7 @@ ABLATIONS = {                              # the paper's ablations as (encode, u
     "none": (True, True), "no_mask": (True, False), "no_encode": (False, True), "sdedit": (False, False)}
 MAX_MASK_SAMPLES = 100_000                 # n beyond this is a typo, not an experiment
 MAX_SEED = 2 ** 63                         # torch.Generator.manual_seed takes seeds below this
+MAX_CELLS = 1024                           # blur and dilation, in latent cells: an 8192-px image's side
 CURVE_STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)  # the r grid of the trade-off curves (the paper's Fig. 4)
 
 
@@ -87,8 +88,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mask_guidance_scale", 1.0, float, "guidance of the mask's noise predictions (only matters with two "
             "different negative prompts)", low=0, api={"generate_mask": "guidance_scale"}),
     Setting("blur", 0.0, float, "Gaussian blur of the map before the threshold, sigma in latent cells (0: none)",
-            low=0),
-    Setting("dilate", 0, int, "grow the mask by this many latent cells (0: none)", low=0),
+            low=0, high=MAX_CELLS),
+    Setting("dilate", 0, int, "grow the mask by this many latent cells (0: none)", low=0, high=MAX_CELLS),
     Setting("chunk_size", None, int, "rows per UNet batch of the mask (default: 2 on the CPU, 8 on a GPU)",
             low=1),
     # ------------------------------------------------------------ step 2: encoding
@@ -122,6 +123,7 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
     `label` (the caller's name for it: a flag, a parameter, a grid axis; default the setting's)."""
     s = TABLE[name]
     label = label or name
+    value = plain_number(value)
     if s.choices:
         if value not in s.choices:
             raise ParameterError(f"{label} must be one of {', '.join(map(str, s.choices))}, got {value!r}.")
@@ -138,6 +140,14 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
     too_high = s.high is not None and (value >= s.high if s.high_open else value > s.high)
     if too_low or too_high:
         raise ParameterError(f"{label} must be {s.describe()}, got {value!r}.")
+    return value
+
+
+def plain_number(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (np.int64(4) -> 4, np.float32(0.5) -> 0.5,
+    np.bool_ -> bool), so that results and sweep tables stay plain JSON; anything else unchanged."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and value.dtype.kind in "biuf":
+        return value.item()
     return value
 
 
@@ -162,10 +172,11 @@ def checked(function):
 
 
 def check_arguments(mapping: dict[str, str], arguments: dict[str, Any]) -> None:
-    """Check each argument that `mapping` (from `parameter_settings`) names a setting; None passes."""
+    """Check each argument that `mapping` (from `parameter_settings`) names a setting; None passes.
+    NumPy scalars are replaced in `arguments` by the Python numbers they hold."""
     for parameter, value in arguments.items():
         if parameter in mapping and value is not None:
-            check(mapping[parameter], value, parameter)
+            arguments[parameter] = check(mapping[parameter], value, parameter)
 
 
 # ---------------------------------------------------------------------- command-line flags

@@ -82,7 +82,7 @@ CLASS_7_TYPES = [
     M("noise-meta", noise=torch.empty(1, 2, 4, 8, 8, device="meta"), phrase="meta device"),
     M("noise-nan", noise=torch.full((1, 2, 4, 8, 8), float("nan")), phrase="noise contains NaN"),
     M("dilate-float", dilate=1.5, phrase="dilate must be an integer"),
-    M("dilate-negative", dilate=-1, phrase="dilate must be an integer >= 0"),
+    M("dilate-negative", dilate=-1, phrase="dilate must be an integer in [0, 1024]"),
     M("blur-inf", blur=math.inf, phrase="blur must be a finite number"),
     M("blur-string", blur="1", phrase="blur must be a finite number"),
     M("chunk-zero", chunk_size=0, phrase="chunk_size"),
@@ -132,6 +132,9 @@ CLASS_5_SETTINGS = [  # settings that used to give an all-zero map and an empty 
     M("mean-ratio-nan", normalization="mean_ratio", mean_ratio=math.nan, phrase="mean_ratio must be a finite number"),
     M("mean-ratio-negative", normalization="mean_ratio", mean_ratio=-2, phrase="mean_ratio must be a number > 0"),
     M("guidance-inf", guidance_scale=math.inf, phrase="guidance_scale must be a finite number"),
+    # a blur's kernel spans 6 sigma: 1e9 cells asked for 24 GB and the process was killed
+    M("blur-huge", blur=1e9, phrase="blur must be a number in [0, 1024]"),
+    M("dilate-huge", dilate=2 ** 62, phrase="dilate must be an integer in [0, 1024]"),
 ]
 
 CLASS_6_NAMES = [  # messages name the user's own parameter, not an internal one
@@ -373,3 +376,63 @@ def test_zero_terminal_snr_at_full_strength_is_refused(pipe, inversion, monkeypa
     assert bool(torch.isfinite(full.latents).all())
     result = pipe.edit(full, torch.ones(8, 8), "a red square", strength=0.75)
     assert bool(torch.isfinite(result.latents).all())
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(pipe, inversion):
+    """np.int64(4) is an integer and np.float32(0.5) a number (they were refused as neither), and
+    the results hold plain Python numbers (JSON-ready)."""
+    import json
+    import numpy as np
+    result = pipe.edit(inversion, torch.ones(8, 8), "a red square", num_inference_steps=np.int64(4),
+                       strength=np.float32(0.5), guidance_scale=np.float64(2.0), soft_mask=np.bool_(False))
+    assert result.settings["num_inference_steps"] == 4 and type(result.settings["num_inference_steps"]) is int
+    assert type(result.settings["strength"]) is float and type(result.settings["soft_mask"]) is bool
+    json.dumps(result.settings)
+    with pytest.raises(errors.ParameterError, match="num_inference_steps must be an integer"):
+        pipe.edit(inversion, torch.ones(8, 8), "a red square", num_inference_steps=np.float32(4))
+
+
+def test_dilation_wider_than_the_map_is_the_whole_map():
+    from diffedit.mask_maps import dilate
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[0, 1, 2] = True
+    assert torch.equal(dilate(mask, 1024), dilate(mask, 7)) and dilate(mask, 1024)[0].all()
+    assert not dilate(mask, 1024)[1].any()
+
+
+def test_helpers_refuse_wrong_inputs_in_one_sentence(pipe):
+    assert pipe.encode_prompt("a red circle").shape[0] == 1       # a string is one prompt, not its letters
+    with pytest.raises(errors.ParameterError, match=r"latents must be a tensor \(batch, 4,"):
+        pipe.decode_latents("x")
+    with pytest.raises(errors.ParameterError, match=r"got \(1, 3, 16, 16\)"):
+        pipe.decode_latents(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(errors.ParameterError, match="pack_convolutions must be True or False"):
+        DiffEditPipeline.from_pretrained(pack_convolutions="no")
+
+
+def test_load_model_reads_dtype_names():
+    from diffedit import load_model
+    from diffedit.pipeline import EMBEDDED_MODEL
+    assert load_model(EMBEDDED_MODEL, dtype="fp32").unet.conv_in.weight.dtype == torch.float32
+    with pytest.raises(errors.ParameterError, match="unknown dtype 'fp64'"):
+        load_model(EMBEDDED_MODEL, dtype="fp64")
+
+
+def test_an_empty_mask_is_said_once(pipe, inversion, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="the mask is empty"):
+        pipe.edit(inversion, torch.zeros(8, 8), "a red square")
+    # the command line: an empty generated mask (threshold 1) is said once, by edit()
+    code, _, err = run_cli(["edit", IMAGE, "--source", "a red circle", "--target", "a red square", *FAST,
+                            "--threshold", "1", "--out", tmp_path / "e.png", "--mask-out", tmp_path / "m.png",
+                            "--panel-out", tmp_path / "p.png"], capsys)
+    assert code == 0 and sum("the mask is empty" in line for line in err) == 1, err
+
+
+def test_bf16_without_native_bf16_is_said_once_on_the_command_line(tmp_path, capsys, monkeypatch):
+    from diffedit import devices
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
+    code, _, err = run_cli(["edit", IMAGE, "--source", "a red circle", "--target", "a red square", *FAST,
+                            "--dtype", "bf16", "--out", tmp_path / "e.png", "--mask-out", tmp_path / "m.png",
+                            "--panel-out", tmp_path / "p.png"], capsys)
+    assert code == 0 and sum("no native bf16" in line for line in err) == 1, err
+    assert any("--dtype fp32" in line for line in err)

@@ -305,7 +305,7 @@ CASES = [
     Case("dtype-unknown", plain("--dtype", "fp8"), "ParameterError", ("unknown dtype 'fp8'; use fp32, bf16 or fp16",)),
     Case("device-unknown", plain("--device", "gpu0"), "ParameterError", ("unknown device 'gpu0'",)),
     Case("device-cuda-missing", plain("--device", "cuda"), "ParameterError",
-         ("CUDA was asked for but this machine has no CUDA device", "use device='cpu'")),
+         ("CUDA was asked for but this machine has no CUDA device", "use the CPU (device='cpu', --device cpu)")),
     Case("dtype-fp16-on-cpu", plain("--dtype", "fp16", "--device", "cpu"), "ParameterError",
          ("fp16 is not supported on the CPU", "use bf16 for speed or fp32")),
     # ---- models

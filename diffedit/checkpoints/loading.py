@@ -24,6 +24,7 @@ from diffedit.checkpoints.model_io import (
     rename_text_encoder_key,
     rename_vae_key,
 )
+from diffedit.devices import parse_device, parse_dtype
 from diffedit.errors import ModelLoadError
 from diffedit.io.files import path_kind
 from diffedit.models.clip import TextEncoder
@@ -55,7 +56,8 @@ class StableDiffusion:
     source: str
 
 
-def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = torch.float32,
                variant: str | None = None, preset: str | None = None) -> StableDiffusion:
     """Load a Stable Diffusion 1.x/2.x checkpoint.
 
@@ -65,6 +67,9 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise ModelLoadError(f"the model must be a folder, a checkpoint file or a hub id (a string or path), "
                              f"not {type(path_or_id).__name__} {path_or_id!r:.40}.")
+    device = parse_device(device)
+    if isinstance(dtype, str) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        dtype = parse_dtype(dtype, device)   # "bf16" as from_pretrained reads it
     source = str(path_or_id)
     path = Path(source).expanduser()
     kind = path_kind(path)
