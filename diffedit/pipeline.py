@@ -45,6 +45,7 @@ from diffedit.sampler import DDIM
 from diffedit.settings import DEFAULT
 
 __all__ = ["DiffEditPipeline", "check_prompt_pairs"]
+PROMPTS_KEPT = 256     # encoded prompts kept per pipeline (SD 1.x: 0.24 MB each in fp32)
 PER_SAMPLE_UP_TO = 64  # MaskResult.per_sample is kept up to this n unless asked (memory grows with n)
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "weights" / "shapes-64"
@@ -74,7 +75,7 @@ class DiffEditPipeline:
         self.scheduler = DDIM(replace(model.config.scheduler, prediction_type="epsilon"))
         self.device, self.dtype = device, dtype
         self.counters = Counters()
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._latent_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @classmethod
@@ -118,16 +119,23 @@ class DiffEditPipeline:
     # ------------------------------------------------------------------ model calls
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Text hidden states (B, L, D) in the model dtype, each prompt encoded once per pipeline."""
+        """Text hidden states (B, L, D) in the model dtype. The last PROMPTS_KEPT prompts are kept, so a
+        prompt in use is encoded once, and a long sweep's memory does not grow with its prompts."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        cache = self._prompt_cache
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
         if missing:
             ids = self.tokenizer(missing).to(self.device)
             with torch.inference_mode():
                 states = self.text_encoder(ids)
             self.counters.text_encodes += len(missing)
-            self._prompt_cache.update(zip(missing, states))
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+            cache.update((p, state.clone()) for p, state in zip(missing, states))  # not views of the batch
+        for p in dict.fromkeys(prompts):
+            cache.move_to_end(p)
+        states = torch.stack([cache[p] for p in prompts])
+        while len(cache) > PROMPTS_KEPT:
+            cache.popitem(last=False)
+        return states
 
     def predict_noise(self, x_t: torch.Tensor, t, context: torch.Tensor, level: int | None = None) -> torch.Tensor:
         """The UNet's noise prediction eps (fp32) for fp32 latents x_t at timestep t; v-prediction
@@ -270,10 +278,12 @@ class DiffEditPipeline:
                num_inference_steps: int = DEFAULT["num_inference_steps"],
                guidance_scale: float = DEFAULT["inversion_guidance_scale"], negative_prompt: str | Sequence[str] | None = None,
                sample_posterior: bool = False, generator: torch.Generator | None = None,
-               resolution: int | None = None, callback: Callable | None = None) -> Inversion:
+               resolution: int | None = None,
+               callback: Callable[[int, int, torch.Tensor], None] | None = None) -> Inversion:
         """DDIM encoding (paper step 2) up to `strength` = r on the `num_inference_steps` grid.
         Unconditional by default (prompt "", no guidance), as the paper encodes; every
-        intermediate latent is kept, so one inversion serves every edit strength <= r."""
+        intermediate latent is kept, so one inversion serves every edit strength <= r.
+        `callback(i, t, x)` is called after each step i with the timestep t reached and its latent x."""
         encoded = self.encode_image(image, sample_posterior=sample_posterior, generator=generator,
                                     resolution=resolution)
         B = encoded.latents.shape[0]

@@ -134,13 +134,23 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
         return value
     if s.kind is int and (not isinstance(value, int) or isinstance(value, bool)):
         raise ParameterError(f"{label} must be an integer, got {value!r}.")
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ParameterError(f"{label} must be a finite number, got {value!r}.")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
+        raise ParameterError(f"{label} must be a finite number, got {_number_shown(value)}.")
     too_low = s.low is not None and (value <= s.low if s.low_open else value < s.low)
     too_high = s.high is not None and (value >= s.high if s.high_open else value > s.high)
     if too_low or too_high:
-        raise ParameterError(f"{label} must be {s.describe()}, got {value!r}.")
+        raise ParameterError(f"{label} must be {s.describe()}, got {_number_shown(value)}.")
     return value
+
+
+def _finite(value: int | float) -> bool:
+    """A finite float, or an int a float can hold (math.isfinite(10 ** 400) raises OverflowError)."""
+    return abs(value) < 2 ** 1024 if isinstance(value, int) else math.isfinite(value)
+
+
+def _number_shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def plain_number(value: Any) -> Any:

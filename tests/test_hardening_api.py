@@ -436,3 +436,28 @@ def test_bf16_without_native_bf16_is_said_once_on_the_command_line(tmp_path, cap
                             "--panel-out", tmp_path / "p.png"], capsys)
     assert code == 0 and sum("no native bf16" in line for line in err) == 1, err
     assert any("--dtype fp32" in line for line in err)
+
+
+def test_numbers_too_big_for_a_float_are_refused_in_one_sentence(tmp_path, capsys):
+    """math.isfinite(10 ** 400) raises OverflowError, which argparse does not catch."""
+    from diffedit.settings import check
+    for name in ("num_inference_steps", "guidance_scale", "strength"):
+        with pytest.raises(errors.ParameterError, match=r"must be a finite number, got 1000000.*\(401 characters\)"):
+            check(name, 10 ** 400)
+    code, _, err = run_cli(["edit", IMAGE, "--source", "a", "--target", "b", "--steps", "1" + "0" * 400], capsys)
+    assert code == 2 and len(err) == 1 and "--steps: must be a finite number" in err[0], err
+
+
+def test_the_prompt_cache_keeps_the_last_prompts_only(pipe, monkeypatch):
+    """A sweep over many prompts must not grow the pipeline's memory; prompts in use stay encoded once."""
+    from diffedit import pipeline
+    monkeypatch.setattr(pipeline, "PROMPTS_KEPT", 4)
+    monkeypatch.setattr(pipe, "_prompt_cache", type(pipe._prompt_cache)())
+    before = pipe.counters.text_encodes
+    for i in range(10):
+        states = pipe.encode_prompt(["a red circle", f"a blue square {i}", "a red circle"])
+        assert states.shape[0] == 3 and torch.equal(states[0], states[2])
+    assert len(pipe._prompt_cache) == 4
+    assert pipe.counters.text_encodes - before == 11          # "a red circle" once, each square once
+    big = pipe.encode_prompt([f"prompt {i}" for i in range(6)])   # a batch larger than the cache still works
+    assert big.shape[0] == 6 and len(pipe._prompt_cache) == 4
