@@ -5,7 +5,8 @@
 
 `edit` writes three files next to the input (or where --out, --mask-out, --panel-out say):
 NAME.edit.png, NAME.mask.png and NAME.panel.png (input | the mask, outside dimmed | edit), all at the
-input's size. Every argument is checked and every output path is cleared before the model
+input's size (with --mask, the given mask is not written again, and --mask-out is refused). Every
+argument is checked and every output path is cleared (its format's size limit too) before the model
 loads; the outputs are written at the end, atomically (files.atomic_write), so a run that is
 killed leaves either no output or a complete one. The input is never overwritten; an existing
 output only with --overwrite.
@@ -31,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffedit import exits
-from diffedit.errors import DiffEditError, OutputFileError
+from diffedit.errors import DiffEditError, ImageInputError, OutputFileError, ParameterError
 from diffedit.settings import add_argument
 
 PANEL_MIN_SIDE = 256   # the panel shows small images (the embedded model's 64 px) enlarged, nearest neighbour
+PANEL_LABELS = ["input", "mask (outside dimmed)", "edit"]
 
 
 class UsageError(DiffEditError):
@@ -44,7 +46,8 @@ class UsageError(DiffEditError):
 # ---------------------------------------------------------------------- shared arguments
 
 def add_image_and_prompts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", help="input image (PNG, JPEG or WebP; any size)")
+    p.add_argument("image", help="input image (PNG, JPEG or WebP; at least 8 pixels a side and at most "
+                                 "16.8 MP, e.g. 4096 x 4096)")
     p.add_argument("--source", required=True, metavar="TEXT",
                    help="what the image shows now: a caption, or \"\" for none (the paper's reference text)")
     p.add_argument("--target", required=True, metavar="TEXT", help="what the edited image should show (the query)")
@@ -60,9 +63,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda if there is one, else cpu)")
 
 
+def add_steps_option(p: argparse.ArgumentParser) -> None:
+    add_argument(p, "num_inference_steps", help="DDIM steps of the full schedule, the grid of the mask's noise, "
+                 "the encoding and the decoding; at most the model's schedule length, 999 for Stable Diffusion and the "
+                 "embedded model (1000 timesteps, a grid offset by 1), checked once the model is loaded")
+
+
 def add_mask_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mask (DiffEdit step 1)")
-    for name in ("mask_samples", "mask_noise_strength", "threshold", "num_inference_steps", "seed"):
+    for name in ("mask_samples", "mask_noise_strength", "threshold", "seed"):
         add_argument(g, name)
 
 
@@ -73,21 +82,24 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     add_image_and_prompts(p)
+    add_steps_option(p)
     add_model_options(p)
     add_mask_options(p)
     g = p.add_argument_group("edit (DiffEdit steps 2 and 3)")
     add_argument(g, "strength")
     add_argument(g, "guidance_scale")
-    g.add_argument("--mask", metavar="PATH", help="use this mask (white = edit) instead of computing one")
+    g.add_argument("--mask", metavar="PATH",
+                   help="use this mask (white = edit) instead of computing one (not with --mask-out)")
     o = p.add_argument_group("outputs")
     o.add_argument("--out", metavar="PATH", help="the edited image (default NAME.edit.png next to the input)")
-    o.add_argument("--mask-out", metavar="PATH", help="the mask (default NAME.mask.png)")
+    o.add_argument("--mask-out", metavar="PATH", help="the computed mask (default NAME.mask.png; not with --mask)")
     o.add_argument("--panel-out", metavar="PATH", help="input | mask (outside dimmed) | edit, enlarged and labelled (default NAME.panel.png)")
     add_output_options(o)
 
 
 def add_maskcmd_arguments(p: argparse.ArgumentParser) -> None:
     add_image_and_prompts(p)
+    add_steps_option(p)
     add_model_options(p)
     add_mask_options(p)
     o = p.add_argument_group("outputs")
@@ -112,20 +124,24 @@ def default_output(image: Path, kind: str) -> Path:
 
 
 def plan_outputs(image: Path, wanted: dict[str, str | None], overwrite: bool, protected: list[Path],
-                 flags: dict[str, str] | None = None) -> dict[str, Path]:
+                 flags: dict[str, str] | None = None,
+                 sizes: dict[str, tuple[int, int]] | None = None) -> dict[str, Path]:
     """The output path of each kind (given or default), every one checked now so that a long run
-    never ends in a refusal: writable folder, a known image suffix, not an input, distinct, and
-    not existing unless --overwrite. An empty path (--out "") is refused, not read as the default."""
-    from diffedit.io.files import check_output, image_format
+    never ends in a refusal: writable folder, a known image suffix whose format holds the kind's
+    size (`sizes`), not an input, distinct, and not existing unless --overwrite. An empty path
+    (--out "") is refused, not read as the default."""
+    from diffedit.io.files import check_image_size, check_output, image_format, user_path
     for kind, path in wanted.items():
         if path is not None and not str(path).strip():
             flag = (flags or {}).get(kind, f"the {kind} output")
             raise OutputFileError(f"{flag} is empty; give a file name such as {default_output(image, kind).name}, "
                                   f"or leave out {flag} for that default.")
-    plan = {kind: Path(path).expanduser() if path else default_output(image, kind) for kind, path in wanted.items()}
+    plan = {kind: user_path(path) if path else default_output(image, kind) for kind, path in wanted.items()}
     seen: dict[Path, str] = {}
     for kind, path in plan.items():
         image_format(path)
+        if sizes and kind in sizes:
+            check_image_size(path, sizes[kind], f"the {kind} output {path}")
         check_output(path, overwrite=overwrite, protected=protected)
         key = Path(os.path.abspath(path))
         if key in seen:
@@ -158,24 +174,32 @@ def run_edit(args: argparse.Namespace) -> int:
 
     from PIL import ImageOps
 
+    from diffedit.io.files import user_path
     from diffedit.io.images import load_image, save_images
     from diffedit.io.pictures import (
         mask_picture,
         overlay_mask,
         read_mask_image,
         side_by_side,
+        side_by_side_size,
     )
     from diffedit.io.progress import UNetProgress
     source, target = check_prompts(args.source, args.target)
-    image_path = Path(args.image).expanduser()
+    if args.mask and args.mask_out is not None:
+        raise ParameterError(f"--mask-out writes the mask DiffEdit computes, but --mask {args.mask} gives the mask "
+                             "and none is computed; leave out --mask-out.")
+    image_path = user_path(args.image, ImageInputError)
     image = load_image(image_path)
     user_mask = read_mask_image(args.mask, image.size) if args.mask else None
     wanted = {"edit": args.out, "mask": args.mask_out, "panel": args.panel_out}
     if user_mask is not None:  # the user's mask is not written again
         del wanted["mask"]
     protected = [image_path] + ([Path(args.mask)] if args.mask else [])
+    title = f"source: {source or '(empty)'}\ntarget: {target}"
+    sizes = {"edit": image.size, "mask": image.size,
+             "panel": side_by_side_size([image.size] * 3, PANEL_LABELS, min_side=PANEL_MIN_SIDE, title=title)}
     outputs = plan_outputs(image_path, wanted, args.overwrite, protected,
-                           {"edit": "--out", "mask": "--mask-out", "panel": "--panel-out"})
+                           {"edit": "--out", "mask": "--mask-out", "panel": "--panel-out"}, sizes)
     pipe = load_pipeline(args)
     check_schedule(pipe, args.num_inference_steps,
                    {"--strength": args.strength, "--mask-noise": args.mask_noise_strength})
@@ -207,8 +231,7 @@ def run_edit(args: argparse.Namespace) -> int:
     edited = result.images[0]
     pictures = {"edit": edited, "mask": mask_image,
                 "panel": side_by_side([image, overlay_mask(image, ImageOps.invert(mask_image.convert("L")), (0, 0, 0), 0.7),
-                                       edited], labels=["input", "mask (outside dimmed)", "edit"],
-                                      min_side=PANEL_MIN_SIDE, title=f"source: {source or '(empty)'}\ntarget: {target}")}
+                                       edited], labels=PANEL_LABELS, min_side=PANEL_MIN_SIDE, title=title)}
     save_images({path: pictures[kind] for kind, path in outputs.items()}, overwrite=args.overwrite,
                 protected=protected)  # all of them or none
     for kind, path in outputs.items():
@@ -219,12 +242,14 @@ def run_edit(args: argparse.Namespace) -> int:
 def run_mask(args: argparse.Namespace) -> int:
     import torch
 
+    from diffedit.io.files import user_path
     from diffedit.io.images import load_image, save_image
     from diffedit.io.progress import UNetProgress
     source, target = check_prompts(args.source, args.target)
-    image_path = Path(args.image).expanduser()
+    image_path = user_path(args.image, ImageInputError)
     image = load_image(image_path)
-    outputs = plan_outputs(image_path, {"mask": args.out}, args.overwrite, [image_path], {"mask": "--out"})
+    outputs = plan_outputs(image_path, {"mask": args.out}, args.overwrite, [image_path], {"mask": "--out"},
+                           {"mask": image.size})
     pipe = load_pipeline(args)
     check_schedule(pipe, args.num_inference_steps, {"--mask-noise": args.mask_noise_strength})
     work = UNetProgress(pipe, 2 * args.mask_samples, enabled=not args.quiet)

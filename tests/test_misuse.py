@@ -259,7 +259,7 @@ CASES = [
     Case("image-tiny", with_image(lambda d: save(rgb(5, 30), d / "in.png")), "ImageInputError",
          ("5 x 30 pixels, smaller than one latent cell (8 x 8)",)),
     Case("image-huge", with_image(lambda d: save(Image.new("L", (5000, 4000)), d / "in.png")), "ImageInputError",
-         ("5000 x 4000", "above the limit of 4096 x 4096", "downscale it")),
+         ("5000 x 4000", "above the limit of 4096 x 4096", "downscale it first, e.g. to 4578 x 3663")),
     Case("image-not-multiple-of-8", with_image(lambda d: save(rgb(61, 13), d / "in.png")), size=(61, 13)),
     # ---- prompts
     Case("prompt-target-empty", plain(prompts=("a cat", "")), "PromptError", ("the target prompt is empty",)),

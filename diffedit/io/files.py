@@ -3,6 +3,7 @@
     atomic_write(path, write_fn, overwrite=False, protected=[input])   # bytes through write_fn(f)
     atomic_write_text(path, text, ...)                                 # CSV, JSON, ...
     check_output(path, overwrite=False, protected=[input])             # the same refusals, up front
+    check_image_size(path, (width, height))                            # the format's size limit, up front
 
 A write goes to a temporary `.NAME.tmp-PID-XXXXXXXX` in the target's folder (hidden, and not
 ending in an image suffix, so a glob for outputs never picks it up), is fsynced, then renamed
@@ -29,17 +30,43 @@ from typing import Any, Callable, Iterable, NoReturn
 from diffedit.errors import DiffEditError, OutputFileError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}   # pixels a side the encoders take (libjpeg, libwebp); PNG: no limit
+FORMAT_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def user_path(path: str | os.PathLike, error: type[DiffEditError] = OutputFileError) -> Path:
+    """Path(path) with a leading ~ or ~user expanded; a user without a known home folder is one
+    sentence (an `error`), not pathlib's RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        head = Path(path).parts[0]
+        raise error(f"the path {path} starts with {head}, but no home folder is known for {head}; "
+                    f"write the path out in full (./{path} for a folder named {head}).") from None
 
 
 def image_format(path: str | os.PathLike) -> str:
     """The Pillow format name for an output path, from its suffix (.png, .jpg/.jpeg, .webp)."""
     path = Path(path)
     fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None and path_kind(path) == "dir":
+        raise OutputFileError(f"{path} is a folder; give a file name inside it, such as {path / 'out.png'}.")
     if fmt is None:
         raise OutputFileError(f"cannot tell the image format of {path} from its suffix {path.suffix or '(none)'!r}; "
                               "end the name with .png, .jpg, .jpeg or .webp.")
     return fmt
+
+
+def check_image_size(path: str | os.PathLike, size: tuple[int, int], name: str | None = None) -> None:
+    """Raise OutputFileError if the format of `path` cannot hold an image of `size` (width, height);
+    `name` says which output it is (default: the path)."""
+    fmt = image_format(path)
+    limit = MAX_SIDE.get(fmt)
+    width, height = size
+    if limit is not None and max(width, height) > limit:
+        raise OutputFileError(f"{name or path} would be {width} x {height} pixels, more than {FORMAT_NAMES[fmt]} "
+                              f"allows ({limit} pixels a side); give it a .png name.")
 
 
 def is_temp_file(name: str | os.PathLike) -> bool:
@@ -60,7 +87,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], Any], *, ove
     then move it onto `path`. On any failure (KeyboardInterrupt included) the temporary file is
     removed and `path` is untouched. Refuses to overwrite an existing file unless `overwrite`,
     and always refuses a path that is (or links to) one of `protected`."""
-    path = Path(path).expanduser()
+    path = user_path(path)
     check_output(path, overwrite=overwrite, protected=protected)
     temp = _stage(path, write_fn)
     try:
@@ -77,7 +104,7 @@ def write_all_or_none(writes: Iterable[tuple[str | os.PathLike, Callable[[], Any
     fails (an error, Ctrl-C, SIGTERM), those already written are removed again, or put back as
     they were when `overwrite` replaced them (from a hard-linked backup), and an error of the
     project's family says that none was written. (SIGKILL leaves complete files only.)"""
-    writes = [(Path(path).expanduser(), write) for path, write in writes]
+    writes = [(user_path(path), write) for path, write in writes]
     done: list[tuple[Path, Path | None]] = []  # (path, backup of the file it replaced)
     try:
         for path, write in writes:
@@ -149,7 +176,7 @@ def _discard(temp: Path, path: Path, error: BaseException) -> NoReturn:
 def check_output(path: str | os.PathLike, *, overwrite: bool = False,
                  protected: Iterable[str | os.PathLike] = ()) -> Path:
     """Raise OutputFileError if `atomic_write` would refuse `path`; call it before long work."""
-    path = Path(path).expanduser()
+    path = user_path(path)
     folder = path.parent
     if not path.name or path.name in (".", ".."):
         raise OutputFileError(f"the output path {str(path)!r} names no file; give a file name such as out.png.")
@@ -165,7 +192,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False,
         raise OutputFileError(f"the output folder {folder} is not writable; choose another folder or fix "
                               "its permissions.")
     for source in protected:
-        if _same_file(path, Path(source).expanduser()):
+        if _same_file(path, user_path(source)):
             raise OutputFileError(f"{path} is one of the inputs ({source}); choose another output name.")
     kind = path_kind(path)
     if kind == "dir":

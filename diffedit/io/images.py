@@ -18,7 +18,8 @@ Arrays and tensors (`as_pil`):
           [-1, 1] image would otherwise be read as [0, 1]).
 
 Outputs (`save_image`) are written atomically by files.atomic_write (temporary file, fsync,
-rename; never the input, an existing file only with overwrite=True); `atomic_write` and
+rename; never the input, an existing file only with overwrite=True); an image larger than its
+format holds (files.MAX_SIDE) is refused before anything is written. `atomic_write` and
 `atomic_write_text` are re-exported here.
 """
 
@@ -37,13 +38,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffedit.errors import ImageInputError, ParameterError
+from diffedit.errors import ImageInputError, OutputFileError, ParameterError
 from diffedit.io.files import (  # noqa: F401 (re-exported)
+    FORMAT_NAMES,
     IMAGE_FORMATS,
     _reason,
     atomic_write,
     atomic_write_text,
+    check_image_size,
     image_format,
+    user_path,
     write_all_or_none,
 )
 
@@ -74,7 +78,7 @@ def load_image(path: str | os.PathLike, *, min_side: int = 8, max_pixels: int = 
     if not isinstance(path, (str, os.PathLike)):
         return as_pil(path, min_side=min_side, max_pixels=max_pixels)
     _positive(min_side=min_side, max_pixels=max_pixels)
-    p = Path(path).expanduser()
+    p = user_path(path, ImageInputError)
     try:
         st = p.stat()
     except FileNotFoundError:
@@ -283,9 +287,11 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
     if w * h > max_pixels:
         side = math.isqrt(max_pixels)
         limit = f"{side} x {side} = " if side * side == max_pixels else ""
+        fh = max(1, math.isqrt(max_pixels * h // w))  # the same aspect ratio, fw * fh <= max_pixels
+        fw = max(1, fh * w // h)
         raise ImageInputError(f"{name} is {w} x {h} = {w * h / 1e6:.1f} MP, above the limit of "
                               f"{limit}{max_pixels / 1e6:.1f} MP ({max_pixels:,} pixels) that keeps memory in check; "
-                              "downscale it or raise max_pixels.")
+                              f"downscale it first, e.g. to {fw} x {fh} (the same aspect ratio).")
 
 
 def _positive(**values: int | None) -> None:
@@ -381,11 +387,23 @@ def save_images(images: dict[str | os.PathLike, Any], *, overwrite: bool = False
 
 
 def _image_writer(image: Any, path: str | os.PathLike, quality: int):
+    """The function that encodes `image` into an open file; the format's size limit is checked now."""
     fmt = image_format(Path(path))
     picture = image if isinstance(image, Image.Image) else as_pil(image, min_side=1)
+    check_image_size(path, picture.size)
     keep = {"PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"), "JPEG": ("L", "RGB"), "WEBP": ("RGB", "RGBA")}
     if picture.mode not in keep[fmt]:
         webp_alpha = fmt == "WEBP" and picture.mode in ALPHA_MODES
         picture = picture.convert("RGBA") if webp_alpha else to_rgb(picture, warn=False)
     options = {"PNG": {}, "JPEG": {"quality": quality}, "WEBP": {"quality": quality}}[fmt]
-    return lambda f: picture.save(f, format=fmt, **options)
+
+    def encode(f) -> None:
+        try:
+            picture.save(f, format=fmt, **options)
+        except (ValueError, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # the file system's error (disk full, ...): atomic_write says so
+            other = "a .png name" if fmt != "PNG" else "a .webp or .jpg name"
+            raise OutputFileError(f"the {FORMAT_NAMES[fmt]} encoder could not write {path} ({_reason(e)}); "
+                                  f"give it {other}.") from None
+    return encode

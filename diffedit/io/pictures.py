@@ -75,19 +75,11 @@ def side_by_side(images: Sequence[Any], labels: Sequence[str] | None = None, gap
     if labels is not None and len(labels) != len(images):
         raise ParameterError(f"{len(labels)} labels for {len(images)} images; give one label per image.")
     pictures = [to_rgb(x) if isinstance(x, Image.Image) else as_pil(x, min_side=1) for x in images]
-    factors = [max(1, min(-(-min_side // min(p.size)), MAX_ENLARGED_SIDE // max(p.size))) for p in pictures]
-    pictures = [p.resize((p.width * k, p.height * k), Image.NEAREST) if k > 1 else p for p, k in zip(pictures, factors)]
-    height = max(p.height for p in pictures)
-    font = ImageFont.load_default(size=max(11, min(height // 14, 20)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def line_height(texts) -> int:
-        return max(probe.multiline_textbbox((0, 0), str(t), font=font)[3] for t in texts) + gap
-
-    label_height = line_height(labels) if labels else 0
-    title_height = line_height([title]) if title else 0
-    width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
-    panel = Image.new("RGB", (width, title_height + height + label_height), background)
+    layout = _Layout([p.size for p in pictures], labels, gap, min_side, title)
+    pictures = [p.resize((p.width * k, p.height * k), Image.NEAREST) if k > 1 else p
+                for p, k in zip(pictures, layout.factors)]
+    height, font, title_height = layout.height, layout.font, layout.title_height
+    panel = Image.new("RGB", layout.size, background)
     draw = ImageDraw.Draw(panel)
     if title:
         draw.multiline_text((gap // 2, gap // 2), title, fill=(0, 0, 0), font=font)
@@ -100,6 +92,30 @@ def side_by_side(images: Sequence[Any], labels: Sequence[str] | None = None, gap
                       fill=(0, 0, 0), font=font)
         x += picture.width + gap
     return panel
+
+
+def side_by_side_size(sizes: Sequence[tuple[int, int]], labels: Sequence[str] | None = None, gap: int = 8,
+                      min_side: int = 1, title: str | None = None) -> tuple[int, int]:
+    """(width, height) of the panel `side_by_side` makes of images of these sizes, without drawing it."""
+    return _Layout(sizes, labels, gap, min_side, title).size
+
+
+class _Layout:
+    """Where side_by_side puts things: each image's enlargement factor, the font, the heights of the
+    picture row, the title and the labels, and the panel's size."""
+
+    def __init__(self, sizes, labels, gap: int, min_side: int, title: str | None):
+        self.factors = [max(1, min(-(-min_side // min(s)), MAX_ENLARGED_SIDE // max(s))) for s in sizes]
+        self.height = max(s[1] * k for s, k in zip(sizes, self.factors))
+        self.font = ImageFont.load_default(size=max(11, min(self.height // 14, 20)))
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+        def line_height(texts) -> int:
+            return max(probe.multiline_textbbox((0, 0), str(t), font=self.font)[3] for t in texts) + gap
+
+        self.title_height = line_height([title]) if title else 0
+        width = sum(s[0] * k for s, k in zip(sizes, self.factors)) + gap * (len(sizes) - 1)
+        self.size = (width, self.title_height + self.height + (line_height(labels) if labels else 0))
 
 
 def read_mask_image(path: str, size: tuple[int, int]):
