@@ -13,12 +13,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
-from diffedit.errors import ParameterError
+from diffedit.arguments import check_prompt_pairs
+from diffedit.errors import ParameterError, PromptError
 from diffedit.io.images import load_image
 from diffedit.research import metrics as M
 from diffedit.settings import ABLATIONS, DEFAULT, check
@@ -53,7 +54,7 @@ class SweepConfig:
         if isinstance(config, (str, os.PathLike)):
             path = Path(config).expanduser()
             try:
-                config = json.loads(path.read_text(encoding="utf-8"))
+                config = json.loads(path.read_text(encoding="utf-8-sig"))
             except OSError as e:
                 raise ParameterError(f"cannot read the sweep config {path} ({e.strerror}); check the path.") from None
             except json.JSONDecodeError as e:
@@ -61,6 +62,8 @@ class SweepConfig:
                                      "fix it.") from None
             except UnicodeDecodeError:
                 raise ParameterError(f"the sweep config {path} is not UTF-8 text; save it as UTF-8.") from None
+            except RecursionError:
+                raise ParameterError(too_deep(path)) from None
         if not isinstance(config, dict):
             raise ParameterError("a sweep config must be a JSON object with at least an 'items' entry.")
         unknown = sorted(set(config) - set(CONFIG_KEYS))
@@ -69,12 +72,14 @@ class SweepConfig:
         if "items" not in config:
             raise ParameterError('the sweep config needs "items": {"benchmark": "shapes", "count": N} or '
                                  '{"folder": DIR}.')
+        if not isinstance(config.get("save_images", True), bool):
+            raise ParameterError(f'"save_images" must be true or false, got {config["save_images"]!r}.')
         grid = config.get("grid") or {}
         grids = [_grid(g) for g in grid] if isinstance(grid, list) and grid else _grid(grid)
         cfg = cls(items=config["items"], grid=grids, model=config.get("model"),
                   device=config.get("device", "cpu"), dtype=config.get("dtype", "fp32"),
                   resolution=config.get("resolution"), metrics=config.get("metrics") or {},
-                  save_images=bool(config.get("save_images", True)))
+                  save_images=config.get("save_images", True))
         cfg.validate()
         return cfg
 
@@ -107,10 +112,20 @@ class SweepConfig:
             raise ParameterError(f'"items": {{"folder": DIR}} needs DIR as text, got {folder!r}.')
 
     def identity(self) -> dict:
-        return {k: getattr(self, k) for k in IDENTITY_KEYS}
+        return {k: self.items_identity if k == "items" else getattr(self, k) for k in IDENTITY_KEYS}
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in CONFIG_KEYS}
+        return {k: self.items_identity if k == "items" else getattr(self, k) for k in CONFIG_KEYS}
+
+    @functools.cached_property
+    def items_identity(self) -> dict:
+        """The items spec as resuming compares it: a folder's spec with the digest of what its
+        items are now (items_digest), so that changed prompts or pictures are another sweep. A
+        benchmark's spec carries the digest its reader gave (benchmarks/command.py); the shapes
+        benchmark is made by code."""
+        if isinstance(self.items, dict) and self.items.get("folder") is not None:
+            return {**self.items, "digest": items_digest(load_items(self.items))}
+        return self.items
 
 
 def _grid(grid) -> dict[str, list]:
@@ -141,12 +156,37 @@ def _is_int(v) -> bool:
 
 @dataclass
 class Item:
+    """One edit of a sweep. Its picture may be held as the file it is read from, and its
+    ground-truth mask as the function that makes it: `image` and `gt_mask` then read them each
+    time they are asked for, so that the items of a large benchmark hold no pixels."""
     id: str
-    image: Image.Image
+    picture: Image.Image | Path | None    # the input image, or its file
     source: str
     target: str
-    gt_mask: np.ndarray | None = None     # (H, W) bool, the region the edit may change
+    truth: np.ndarray | Callable[[], np.ndarray] | None = None   # (H, W) bool, the region the edit may change
     edit: Any = None                      # a shapes.world.Edit (ground truth for check_edit)
+
+    @property
+    def image(self) -> Image.Image | None:
+        return load_image(self.picture) if isinstance(self.picture, Path) else self.picture
+
+    @property
+    def gt_mask(self) -> np.ndarray | None:
+        return self.truth() if callable(self.truth) else self.truth
+
+
+def items_digest(items: list[Item]) -> str:
+    """A fingerprint of what the items are: ids, prompts, pictures (a file by its bytes) and
+    ground-truth masks. Resuming compares it, so a folder never mixes two versions of the data."""
+    h = hashlib.sha1()
+    for item in items:
+        h.update(json.dumps([item.id, item.source, item.target]).encode())
+        picture = item.picture
+        h.update(picture.read_bytes() if isinstance(picture, Path) else
+                 b"" if picture is None else f"{picture.mode}{picture.size}".encode() + picture.tobytes())
+        mask = item.gt_mask
+        h.update(b"no mask" if mask is None else f"{mask.shape}".encode() + np.packbits(mask).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_items(spec: dict) -> list[Item]:
@@ -172,17 +212,16 @@ def _folder_items(folder: Path) -> list[Item]:
                              "and target.")
     items = []
     for i, e in enumerate(entries):
+        where = f"manifest entry {i} in {folder}"
         if not isinstance(e, dict) or not e.get("image") or e.get("target") in (None, "") or e.get("source") is None:
-            raise ParameterError(f"manifest entry {i} in {folder} needs 'image', 'source' and a non-empty 'target'.")
-        if not all(isinstance(e.get(k) or "", str) for k in ("image", "gt_mask", "source", "target")):
-            raise ParameterError(f"manifest entry {i} in {folder}: image, gt_mask, source and target must be text.")
-        image = load_image(inside(folder, e["image"], f"the image of manifest entry {i}"))
-        gt = None
-        if e.get("gt_mask"):
-            gt_path = inside(folder, e["gt_mask"], f"the gt_mask of manifest entry {i}")
-            gt = M.as_bool_mask(load_image(gt_path).convert("L"), image.size)
+            raise ParameterError(f"{where} needs 'image', 'source' and a non-empty 'target'.")
+        if not all(isinstance(e[k], str) for k in ("image", "source", "target")) or \
+                not isinstance(e.get("gt_mask"), (str, type(None))):
+            raise ParameterError(f"{where}: image, gt_mask, source and target must be text.")
+        check_prompts(e["source"], e["target"], where)
+        picture, truth = folder_files(folder, e["image"], e.get("gt_mask"), f"manifest entry {i}", "gt_mask")
         item_id = check_item_id(str(e.get("id") or f"{i:03d}-{Path(e['image']).stem}"), f"manifest entry {i}")
-        items.append(Item(item_id, image, e["source"], e["target"], gt))
+        items.append(Item(item_id, picture, e["source"], e["target"], truth))
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ParameterError(f"the manifest in {folder} repeats item ids; give each item a distinct 'id'.")
@@ -194,21 +233,54 @@ def _read_manifest(folder: Path):
     json_path, csv_path = folder / "manifest.json", folder / "manifest.csv"
     try:
         if json_path.is_file():
-            entries = json.loads(json_path.read_text(encoding="utf-8"))
+            entries = json.loads(json_path.read_text(encoding="utf-8-sig"))
             return entries.get("items") if isinstance(entries, dict) else entries
         if csv_path.is_file():
-            with open(csv_path, newline="", encoding="utf-8") as f:
+            with open(csv_path, newline="", encoding="utf-8-sig") as f:
                 return list(csv.DictReader(f, strict=True))
     except UnicodeDecodeError:
         raise ParameterError(f"the manifest in {folder} is not UTF-8 text; save it as UTF-8.") from None
     except json.JSONDecodeError as e:
         raise ParameterError(f"{json_path} is not valid JSON ({e.msg}, line {e.lineno}); fix it.") from None
+    except RecursionError:
+        raise ParameterError(too_deep(json_path)) from None
     except csv.Error as e:
         raise ParameterError(f"{csv_path} is not a valid CSV file ({e}); fix it.") from None
     except OSError as e:
         raise ParameterError(f"cannot read the manifest in {folder} ({e.strerror}); check its permissions.") from None
     raise ParameterError(f"{folder} has no manifest.json or manifest.csv; write one listing image, source, target "
                          "(and optionally gt_mask, id) per item.")
+
+
+def too_deep(path: Path) -> str:
+    """The sentence for a JSON file nested deeper than the parser goes."""
+    return f"{path} nests JSON arrays or objects too deeply to be read; fix it."
+
+
+def check_prompts(source: str, target: str, where: str) -> None:
+    """Refuse, when the items are read, a target the pipeline would refuse when the run reaches it."""
+    try:
+        check_prompt_pairs([source], [target])
+    except PromptError as e:
+        raise PromptError(f"{where}: {e}") from None
+
+
+def folder_files(folder: Path, image: str, mask: str | None, where: str, mask_name: str) -> tuple[Path, Any]:
+    """An item's picture FOLDER/IMAGE and its optional ground-truth mask FOLDER/MASK, both checked
+    now (inside FOLDER, decodable) and read again when the run asks for them: (the picture's path,
+    None or the function that gives the mask at the picture's size)."""
+    path = inside(folder, image, f"the image of {where}")
+    size = load_image(path).size
+    if not mask:
+        return path, None
+    truth = functools.partial(read_mask, inside(folder, mask, f"the {mask_name} of {where}"), size)
+    truth()
+    return path, truth
+
+
+def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask picture as (H, W) bool at `size` (white = may change)."""
+    return M.as_bool_mask(load_image(path).convert("L"), size)
 
 
 def inside(folder: Path, relative: str, what: str) -> Path:

@@ -20,12 +20,13 @@ no mask); copy (output = input, no model call: the anchor point). Each model met
 every r of --strengths; the other settings are fixed (the paper's defaults unless given).
 
 The benchmark's reader spec (benchmark, data, split, template, border quirk, limit, subset
-seed) is the sweep config's "items", so it is recorded in OUT/sweep.json and a folder never
-mixes two specs. OUT also gets images/ITEM/ (the input, the ground-truth mask, one edited PNG
-per distinct edit), masks/ITEM/ (DiffEdit's soft maps) and, once every row is there,
-summary.py's files. The library metrics (LPIPS, L1, CLIPScore, FID, SFID/CSFID, DeiT accuracy)
-are computed afterwards from the saved pictures by `diffedit bench score DIR`, in an environment
-with the `eval` extra (research/scores/command.py).
+seed) and the digest of the items it gave (plan.items_digest: prompts, picture and mask bytes)
+are the sweep config's "items", so they are recorded in OUT/sweep.json and a folder never mixes
+two specs, nor two versions of the benchmark's files. OUT also gets images/ITEM/ (the input, the
+ground-truth mask, one edited PNG per distinct edit), masks/ITEM/ (DiffEdit's soft maps) and,
+once every row is there, summary.py's files. The library metrics (LPIPS, L1, CLIPScore, FID,
+SFID/CSFID, DeiT accuracy) are computed afterwards from the saved pictures by `diffedit bench
+score DIR`, in an environment with the `eval` extra (research/scores/command.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from diffedit.io.images import save_image
 from diffedit.research.benchmarks import NAMES, read_benchmark
 from diffedit.research.benchmarks.summary import METHODS, write_summary
 from diffedit.research.command import finish_shard
-from diffedit.research.plan import SweepConfig
+from diffedit.research.plan import SweepConfig, items_digest
 from diffedit.research.report import write_report
 from diffedit.research.scores.command import add_score_arguments
 from diffedit.research.shards import Shard
@@ -157,11 +158,17 @@ def run(args) -> int:
     if config is not None:
         SweepConfig.parse(config)   # every setting checked before any image is read
     out = Path(args.out).expanduser() if args.out else Path("bench") / args.benchmark
-    listing = out / "benchmark.json"
-    if listing.is_file() and read_json(listing, "benchmark listing").get("spec") != spec:
-        raise OutputFileError(f"{out} holds the results of another benchmark spec (see {listing}); choose another "
-                              "--out.")
+    stored = stored_spec(out)
+    if stored is not None and {k: v for k, v in stored.items() if k != "digest"} != spec:
+        raise OutputFileError(f"{out} holds the results of another benchmark spec (see {out / 'benchmark.json'}); "
+                              "choose another --out.")
     bench = read_benchmark(spec)
+    spec = {**spec, "digest": items_digest(bench.items)}   # the sweep's identity: what the items are now
+    if stored is not None and stored.get("digest") != spec["digest"]:
+        raise OutputFileError(f"the benchmark's prompts, pictures or masks changed since {out} was written; choose "
+                              "another --out.")
+    if config is not None:
+        config["items"] = spec
     rows: list[dict] = []
     if config is not None and args.submit is not None:
         merged = submit_sweep(config, out, args.submit, run_bench_shard, options=options)
@@ -188,10 +195,23 @@ def run(args) -> int:
     return 0
 
 
+def stored_spec(out: Path) -> dict | None:
+    """The reader spec of the results in OUT (benchmark.json, written once the table is complete)."""
+    listing = out / "benchmark.json"
+    if not listing.is_file():
+        return None
+    stored = read_json(listing, "benchmark listing")
+    spec = stored.get("spec") if isinstance(stored, dict) else None
+    return spec if isinstance(spec, dict) else {}
+
+
 def run_bench_shard(config: dict, out: str, index: int, count: int, trust_config_code: bool) -> int:
     """One task of `diffedit bench --submit N`: shard `index` of `count`, the benchmark read again
     from the config's reader spec in the job (returns its row count)."""
     bench = read_benchmark(config["items"])
+    if items_digest(bench.items) != config["items"].get("digest"):
+        raise ParameterError(f"the benchmark's prompts, pictures or masks changed since the shards of {out} were "
+                             "submitted; submit them again.")
     result = run_sweep(config, out, bar=False, shard=Shard(index, count, "submitit"), items=bench.items)
     return len(result.rows)
 

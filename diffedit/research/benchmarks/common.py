@@ -1,7 +1,8 @@
 """What a benchmark reader returns, and the seeded subset that `--limit N` takes.
 
 A reader lists the protocol's rows, takes the subset, then decodes the images of the rows kept
-(a broken file is reported before any model runs)."""
+(a broken file is reported before any model runs). Its items hold the files' paths, not their
+pixels: a picture is read again when the run reaches its item (plan.Item)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from diffedit.research.plan import Item
 class Benchmark:
     """The items of one benchmark, in the protocol's order."""
     name: str                   # imagenet, pie-bench, pairs
-    items: list[Item]           # the sweep engine's items: id, image, source, target, gt_mask
+    items: list[Item]           # the sweep engine's items: id, picture, source, target, truth
     info: list[dict]            # per item, the protocol's own fields (class ids, edit type, files)
     protocol: dict = field(default_factory=dict)   # how the items were made (split, template, quirk)
 

@@ -99,7 +99,8 @@ def read_imagenet(root: str | Path, split: str = "test", template: str = "{}", g
             layout = "flat" if flat else "class-folder"
             raise ParameterError(f"the ImageNet validation image {file} is missing (read as the {layout} layout); "
                                  f"{WHERE}.")
-        items.append(Item(f"flexit-{row['id']}", load_image(file), prompt(template, row["source"]),
+        load_image(file)   # checked now, read again when the run reaches the edit
+        items.append(Item(f"flexit-{row['id']}", file, prompt(template, row["source"]),
                           prompt(template, row["target"])))
         info.append({"query": row["id"], "file": row["path"], "wnid": wnid, "source_class": row["source"],
                      "source_id": row["source_id"], "target_class": row["target"], "target_id": row["target_id"]})
@@ -117,13 +118,27 @@ def _ground_truth(root: Path, given: str | None) -> dict[int, str]:
                              f"({' or '.join(str(p) for p in candidates)}); pass --ground-truth FILE or unpack "
                              "the images into ROOT/<wnid>/ folders.")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError):
         raise ParameterError(f"cannot read the ground-truth file {path} as text; check it.") from None
-    if lines and lines[0].startswith("ImageId"):   # Kaggle's LOC_val_solution.csv: the first box's class
-        return {int(VAL_NAME.fullmatch(f"{r['ImageId']}.JPEG").group(1)): r["PredictionString"].split()[0]
-                for r in csv.DictReader(lines) if VAL_NAME.fullmatch(f"{r['ImageId']}.JPEG")}
+    if lines and lines[0].startswith("ImageId"):
+        return _solution_classes(path, lines)
     if not all(re.fullmatch(r"n\d{8}", line.strip()) for line in lines if line.strip()):
         raise ParameterError(f"{path} is neither LOC_val_solution.csv nor one wnid (n01234567) per line; the devkit's "
                              "numeric ground truth must be mapped to wnids first (its meta.mat gives the map).")
     return {i + 1: line.strip() for i, line in enumerate(lines) if line.strip()}
+
+
+def _solution_classes(path: Path, lines: list[str]) -> dict[int, str]:
+    """Kaggle's LOC_val_solution.csv (ImageId,PredictionString): each image's first box's class."""
+    classes = {}
+    for number, r in enumerate(csv.DictReader(lines), start=2):
+        name = VAL_NAME.fullmatch(f"{r.get('ImageId')}.JPEG")
+        if name is None:
+            continue
+        boxes = (r.get("PredictionString") or "").split()
+        if not boxes or not re.fullmatch(r"n\d{8}", boxes[0]):
+            raise ParameterError(f"line {number} of {path} ({r['ImageId']}) has no class id (n01234567) first in its "
+                                 "PredictionString; use Kaggle's LOC_val_solution.csv as it ships.")
+        classes[int(name.group(1))] = boxes[0]
+    return classes

@@ -20,6 +20,7 @@ Each row gives one item, in the mapping's order:
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 from diffedit.errors import ParameterError
 from diffedit.io.images import load_image
 from diffedit.research.benchmarks.common import Benchmark, subset
-from diffedit.research.plan import Item, check_item_id, inside
+from diffedit.research.plan import Item, check_item_id, inside, too_deep
 
 MASK_SHAPE = (512, 512)
 EDIT_TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "delete object",
@@ -47,7 +48,8 @@ def decode_mask(runs: list[int], shape: tuple[int, int] = MASK_SHAPE, border_qui
     the image's end; with `border_quirk`, also the first and last rows and columns, as PIE-Bench's
     mask_decode does (cure-lab/PnPInversion, evaluation/evaluate.py; pinned by
     tests/test_bench_readers.py)."""
-    if len(runs) % 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in runs):
+    if not isinstance(runs, list) or len(runs) % 2 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in runs):
         raise ParameterError("a PIE-Bench mask must be a list of (start, length) pairs of whole numbers >= 0.")
     length = shape[0] * shape[1]
     flat = np.zeros(length, dtype=bool)
@@ -70,9 +72,11 @@ def read_pie_bench(data: str | Path, border_quirk: bool = True, limit: int | Non
             raise ParameterError(f"{path} is missing: a PIE-Bench folder holds mapping_file.json and "
                                  f"annotation_images/; {WHERE}.")
     try:
-        mapping = json.loads(mapping_path.read_text(encoding="utf-8"))
+        mapping = json.loads(mapping_path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ParameterError(f"cannot read {mapping_path} as JSON ({e}); use the file PIE-Bench ships.") from None
+    except RecursionError:
+        raise ParameterError(too_deep(mapping_path)) from None
     if not isinstance(mapping, dict) or not mapping:
         raise ParameterError(f"{mapping_path} holds no edits; PIE-Bench's mapping file maps image ids to edits.")
     items, info = [], []
@@ -81,17 +85,23 @@ def read_pie_bench(data: str | Path, border_quirk: bool = True, limit: int | Non
         if not isinstance(row, dict) or any(k not in row for k in needed):
             raise ParameterError(f"the edit {key!r} of {mapping_path} lacks one of {', '.join(needed)}; use the "
                                  "mapping file PIE-Bench ships.")
-        image = load_image(inside(images, row["image_path"], f"the image of PIE-Bench edit {key!r}"))
-        if image.size != MASK_SHAPE[::-1]:
-            raise ParameterError(f"the PIE-Bench image {row['image_path']} is {image.size[0]}x{image.size[1]}, not "
+        texts = ("image_path", "original_prompt", "editing_prompt")
+        if not all(isinstance(row[k], str) for k in texts):
+            raise ParameterError(f"the edit {key!r} of {mapping_path}: {', '.join(texts)} must be text; use the "
+                                 "mapping file PIE-Bench ships.")
+        path = inside(images, row["image_path"], f"the image of PIE-Bench edit {key!r}")
+        size = load_image(path).size   # checked now, read again when the run reaches the edit
+        if size != MASK_SHAPE[::-1]:
+            raise ParameterError(f"the PIE-Bench image {row['image_path']} is {size[0]}x{size[1]}, not "
                                  "512x512, so its run-length mask does not fit; use the benchmark's own images.")
         try:
-            mask = decode_mask(row["mask"], MASK_SHAPE, border_quirk)
+            decode_mask(row["mask"], MASK_SHAPE, border_quirk)
         except ParameterError as e:
-            raise ParameterError(f"the mask of PIE-Bench edit {key!r}: {e}") from None
+            raise ParameterError(f"the mask of PIE-Bench edit {key!r} in {mapping_path}: {e}") from None
+        truth = functools.partial(decode_mask, row["mask"], MASK_SHAPE, border_quirk)
         edit_type = str(row["editing_type_id"])
-        items.append(Item(check_item_id(f"pie-{key}", f"PIE-Bench edit {key!r}"), image,
-                          strip_markers(row["original_prompt"]), strip_markers(row["editing_prompt"]), mask))
+        items.append(Item(check_item_id(f"pie-{key}", f"PIE-Bench edit {key!r}"), path,
+                          strip_markers(row["original_prompt"]), strip_markers(row["editing_prompt"]), truth))
         info.append({"image_id": key, "file": row["image_path"], "edit_type_id": edit_type,
                      "edit_type": EDIT_TYPES.get(edit_type, "unknown"), "blended_word": row.get("blended_word", ""),
                      "instruction": row.get("editing_instruction", "")})
