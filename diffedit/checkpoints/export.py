@@ -9,7 +9,8 @@
 
 The configs are the keys the reference libraries read, so diffusers' `from_pretrained` opens the
 folder too. The folder is written beside its destination and renamed into place: a crash never
-leaves half a model."""
+leaves half a model, and a model this exporter wrote before is replaced only once the new one is
+complete (any other non-empty folder is refused)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,9 @@ def save_pretrained(folder: str | Path, config: ModelConfig, tokenizer: Tokenize
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputFileError(f"{folder} exists and is not a folder; choose another destination.")
+    if folder.is_dir() and any(folder.iterdir()) and not is_exported_model(folder):
+        raise OutputFileError(f"{folder} already holds files and is not a model exported by diffedit, so it is left "
+                              "as it is; choose a new or empty folder.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -116,15 +120,32 @@ def save_pretrained(folder: str | Path, config: ModelConfig, tokenizer: Tokenize
             (staging / rel).write_text(text)
         for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors create private files
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            staging.rename(folder)
-            shutil.rmtree(old)
-        else:
-            staging.rename(folder)
+        move_into_place(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def is_exported_model(folder: Path) -> bool:
+    """True if `folder` is a model `save_pretrained` wrote (its model_index.json is ours)."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()) == MODEL_INDEX
+    except (OSError, ValueError):
+        return False
+
+
+def move_into_place(staging: Path, folder: Path) -> None:
+    """Rename `staging` to `folder`. An existing `folder` is set aside, put back if anything (an
+    error, Ctrl-C) stops the swap half-way, and deleted only once the new folder is in place."""
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    old = staging.with_name(f"{staging.name}.old")  # staging's name is unique, so this one is too
+    try:
+        folder.rename(old)
+        staging.rename(folder)
+    finally:
+        if not folder.exists() and old.exists():
+            old.rename(folder)
+    shutil.rmtree(old)

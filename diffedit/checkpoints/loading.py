@@ -17,6 +17,8 @@ import torch
 
 from diffedit.checkpoints.model_io import (
     build_module,
+    inside,
+    model_root,
     read_component,
     read_json,
     read_state_dict,
@@ -26,7 +28,7 @@ from diffedit.checkpoints.model_io import (
 )
 from diffedit.devices import parse_device, parse_dtype
 from diffedit.errors import ModelLoadError
-from diffedit.io.files import path_kind
+from diffedit.io.files import path_kind, user_path
 from diffedit.models.clip import TextEncoder
 from diffedit.models.config import (
     ModelConfig,
@@ -71,7 +73,7 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
     if isinstance(dtype, str) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         dtype = parse_dtype(dtype, device)   # "bf16" as from_pretrained reads it
     source = str(path_or_id)
-    path = Path(source).expanduser()
+    path = user_path(source, ModelLoadError)
     kind = path_kind(path)
     is_hub_id = kind == "missing" and HUB_ID.match(source) is not None and not source.startswith((".", "/", "~"))
     if (kind == "dir" or is_hub_id) and preset is not None:
@@ -110,28 +112,32 @@ def _load_folder(folder: Path, device, dtype, variant, source: str) -> StableDif
     if missing:
         raise ModelLoadError(f"{folder} is not a complete diffusers-layout model: missing {', '.join(missing)}/ "
                              f"(expected {', '.join(c + '/' for c in COMPONENTS)}).")
+    root = model_root(folder)
     config = ModelConfig(
-        text_encoder=_read_config(TextEncoderConfig, folder / "text_encoder" / "config.json"),
-        vae=_read_config(VAEConfig, folder / "vae" / "config.json"),
-        unet=_read_config(UNetConfig, folder / "unet" / "config.json"),
-        scheduler=_read_config(SchedulerConfig, folder / "scheduler" / "scheduler_config.json"),
+        text_encoder=_read_config(TextEncoderConfig, folder / "text_encoder" / "config.json", root),
+        vae=_read_config(VAEConfig, folder / "vae" / "config.json", root),
+        unet=_read_config(UNetConfig, folder / "unet" / "config.json", root),
+        scheduler=_read_config(SchedulerConfig, folder / "scheduler" / "scheduler_config.json", root),
     )
+    for file in (folder / "tokenizer").iterdir():  # what the tokenizer reads, checked before it reads it
+        inside(file, root)
     tokenizer = Tokenizer.from_folder(folder / "tokenizer")
     config = replace(config, tokenizer=TokenizerConfig(max_length=tokenizer.max_length,
                                                        pad_token=tokenizer.pad_token),
                      resolution=config.unet.sample_size * config.vae.downsample_factor)
     _check_widths(config)
     weights = {
-        "text_encoder": rename_state_dict(read_component(folder / "text_encoder", variant), rename_text_encoder_key),
-        "vae": rename_state_dict(read_component(folder / "vae", variant), rename_vae_key),
-        "unet": read_component(folder / "unet", variant),
+        "text_encoder": rename_state_dict(read_component(folder / "text_encoder", root, variant),
+                                          rename_text_encoder_key),
+        "vae": rename_state_dict(read_component(folder / "vae", root, variant), rename_vae_key),
+        "unet": read_component(folder / "unet", root, variant),
     }
     return _assemble(config, tokenizer, weights, device, dtype, source)
 
 
-def _read_config(cls, path: Path):
+def _read_config(cls, path: Path, root: Path):
     """One component's config, checked when read (types, ranges, structure); errors name the file."""
-    data = read_json(path)
+    data = read_json(inside(path, root))
     try:
         return cls.from_dict(data)
     except ModelLoadError as e:

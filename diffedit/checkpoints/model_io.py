@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import pickle
 import pickletools
 import re
@@ -84,9 +86,12 @@ class LazyTensor:
         """Read straight into a fresh tensor (no mmap, no intermediate copy), then cast."""
         tensor = torch.empty(self.shape, dtype=self.dtype)
         if tensor.numel():
+            buffer = tensor.view(-1).view(torch.uint8).numpy()
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
-                f.readinto(tensor.view(-1).view(torch.uint8).numpy())
+                if f.readinto(buffer) != len(buffer):
+                    raise ModelLoadError(f"{self.path} is truncated (it got shorter after it was opened); "
+                                         "download it again.")
         return tensor if dtype is None or dtype == self.dtype else tensor.to(dtype)
 
 
@@ -105,7 +110,7 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
         raise ModelLoadError(f"{bad} (unreadable header: corrupt or truncated); download it again.") from None
     if not isinstance(header, dict):
         raise ModelLoadError(f"{bad} (its header is a JSON {type(header).__name__}, not an object); download it again.")
-    start, tensors = 8 + header_len, {}
+    start, tensors, spans = 8 + header_len, {}, []
     for key, meta in header.items():
         if key == "__metadata__":
             continue
@@ -115,14 +120,32 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
                 raise TypeError(key)
         except (KeyError, TypeError, ValueError):
             raise ModelLoadError(f"{bad} (entry {key!r} is malformed); download it again.") from None
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
+        if math.prod(max(n, 1) for n in shape) * dtype.itemsize >= 2 ** 62:  # beyond what torch can index
+            raise ModelLoadError(f"{bad} (entry {key!r} has the impossible shape {list(shape)}); download it again.")
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise ModelLoadError(f"{bad} (entry {key!r} has inconsistent offsets); download it again.")
-        if start + end > size:
-            raise ModelLoadError(f"{path} is truncated ({size:,} bytes, its header needs {start + end:,}); "
-                                 "download it again.")
+        spans.append((begin, end, key))
         tensors[key] = LazyTensor(path, start + begin, dtype, shape)
+    _check_tiling(path, spans, start, size)
     return tensors
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], start: int, size: int) -> None:
+    """The tensors' (begin, end, key) byte ranges must tile the data section (from `start` to the
+    file's `size`) exactly, as the safetensors library requires: no overlap (two weights read from
+    the same bytes), no gap, no byte missing or left over."""
+    bad = f"{path} is not a valid safetensors file"
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            raise ModelLoadError(f"{bad} (entry {key!r} {'overlaps another' if begin < position else 'leaves a gap'} "
+                                 "in the data); download it again.")
+        position = end
+    if start + position > size:
+        raise ModelLoadError(f"{path} is truncated ({size:,} bytes, its header needs {start + position:,}); "
+                             "download it again.")
+    if start + position < size:
+        raise ModelLoadError(f"{bad} ({size - start - position:,} bytes follow its last tensor); download it again.")
 
 
 def _is_count(value) -> bool:
@@ -213,21 +236,41 @@ def _first_line(e: BaseException, default: str = "") -> str:
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
-def find_weights(folder: Path, variant: str | None = None) -> list[Path]:
-    """The weight file(s) of one diffusers/transformers component folder, safetensors first;
-    sharded checkpoints (`*.index.json`) give all their shards (plain file names of the same
-    folder: a shard named by a path, e.g. `../../etc/passwd`, is refused)."""
+def model_root(folder: Path) -> Path:
+    """The real folder every file of the model at `folder` must lie in: the folder itself or, for
+    a Hugging Face cache snapshot (models--org--name/snapshots/REVISION, whose files are links to
+    ../../blobs/SHA), the repository's cache folder models--org--name."""
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def inside(path: Path, root: Path) -> Path:
+    """`path`, refused unless it resolves (through any symbolic link) inside `root`, a `model_root`."""
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(root):
+        raise ModelLoadError(f"{path} leads through a symbolic link to {real}, outside the model folder {root}; "
+                             "the model folder is damaged or malicious: copy the file into it or download the model again.")
+    return path
+
+
+def find_weights(folder: Path, root: Path, variant: str | None = None) -> list[Path]:
+    """The weight file(s) of one diffusers/transformers component folder of the model in `root`,
+    safetensors first; sharded checkpoints (`*.index.json`) give all their shards (plain file names
+    of the same folder: a shard named by a path, e.g. `../../etc/passwd`, is refused), and no
+    file may be a link out of `root`."""
     infix = f".{variant}" if variant else ""
     for suffix in (".safetensors", ".bin"):
         for name in WEIGHT_NAMES:
             single = folder / f"{name}{infix}{suffix}"
             if single.is_file():
-                return [single]
+                return [inside(single, root)]
             index = folder / f"{name}{infix}{suffix}.index.json"
             if index.is_file():
-                return [folder / shard for shard in shard_names(index)]
+                return [inside(folder / shard, root) for shard in shard_names(inside(index, root))]
     if variant:
-        hint = f" (no '{variant}' variant: try without variant)" if find_weights(folder) else ""
+        hint = f" (no '{variant}' variant: try without variant)" if find_weights(folder, root) else ""
     else:
         hint = ""
     raise ModelLoadError(f"no weights in {folder}{hint}; expected diffusion_pytorch_model.safetensors, "
@@ -241,12 +284,11 @@ def shard_names(index: Path) -> list[str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelLoadError(f"{index} has no weight_map (tensor name -> shard file); restore the file or "
                              "download the model again.")
-    shards = list(dict.fromkeys(v if isinstance(v, str) else repr(v) for v in weight_map.values()))
-    for shard in (v for v in weight_map.values() if not is_plain_name(v)):
+    for shard in weight_map.values():
         if not is_plain_name(shard):
             raise ModelLoadError(f"{index} names the shard {shard!r}, which is not a file name inside {index.parent}; "
                                  "the index is damaged or malicious: restore it or download the model again.")
-    return shards
+    return list(dict.fromkeys(weight_map.values()))
 
 
 def is_plain_name(name) -> bool:
@@ -255,10 +297,10 @@ def is_plain_name(name) -> bool:
             and PurePosixPath(name).name == name)
 
 
-def read_component(folder: Path, variant: str | None = None) -> StateDict:
-    """The (lazy, for safetensors) state dict of one component folder."""
+def read_component(folder: Path, root: Path, variant: str | None = None) -> StateDict:
+    """The (lazy, for safetensors) state dict of one component folder of the model in `root`."""
     state_dict: StateDict = {}
-    for file in find_weights(folder, variant):
+    for file in find_weights(folder, root, variant):
         state_dict.update(read_state_dict(file, lazy=True))
     return state_dict
 

@@ -14,6 +14,16 @@ from diffedit.errors import ModelLoadError
 
 _FIX = "fix the config file or download the model again"
 
+# Upper bounds, several times the largest values of real SD models (in brackets): past them a
+# config is damaged, and would build modules for minutes or ask for terabytes before a single
+# shape is compared with the weights.
+MAX_CHANNELS = 16384      # a width (SD: 1280, text encoder 1024)
+MAX_LEVELS = 8            # entries of block_out_channels (4)
+MAX_REPEATS = 16          # ResNet or transformer blocks per UNet/VAE level (2; SDXL 10)
+MAX_TEXT_LAYERS = 128     # text transformer layers (23)
+MAX_HEADS = 256           # attention heads (20)
+MAX_IO_CHANNELS = 64      # image and latent channels (4)
+
 
 class _Read:
     """Typed reads of one config dict: each value is checked against its kind and range when it
@@ -27,10 +37,10 @@ class _Read:
     def _bad(self, key: str, value: Any, wanted: str):
         raise ModelLoadError(f"the {self.what} config's {key} is {value!r}, not {wanted}; {_FIX}.")
 
-    def int(self, key: str, default: int, low: int = 1, value: Any = None) -> int:
+    def int(self, key: str, default: int, high: int, low: int = 1, value: Any = None) -> int:
         v = self.d.get(key, default) if value is None else value
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            self._bad(key, v, f"an integer >= {low}")
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            self._bad(key, v, f"an integer from {low} to {high:,}")
         return v
 
     def float(self, key: str, default: float, low: float | None = 0.0, high: float | None = None) -> float:
@@ -60,11 +70,11 @@ class _Read:
             self._bad(key, v, "a list of block type names" + (f", one per level ({count})" if count else ""))
         return list(v)
 
-    def ints(self, key: str, default: Any, value: Any = None) -> tuple[int, ...]:
+    def ints(self, key: str, default: Any, high: int, value: Any = None) -> tuple[int, ...]:
         v = self.d.get(key, default) if value is None else value
-        if not isinstance(v, (list, tuple)) or not v:
-            self._bad(key, v, "a non-empty list of integers")
-        return tuple(self.int(key, 0, value=x) for x in v)
+        if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_LEVELS:
+            self._bad(key, v, f"a list of 1 to {MAX_LEVELS} integers")
+        return tuple(self.int(key, 0, high, value=x) for x in v)
 
 
 def _structure(what: str, rules: list[tuple[bool, str]]) -> None:
@@ -95,12 +105,12 @@ class TextEncoderConfig:
         if d.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
             raise ModelLoadError(f"text encoder activation {d['hidden_act']!r} is not supported (quick_gelu or gelu).")
         return cls(
-            vocab_size=r.int("vocab_size", 49408),
-            max_length=r.int("max_position_embeddings", 77, low=2),
-            width=r.int("hidden_size", 512),
-            layers=r.int("num_hidden_layers", 12),
-            heads=r.int("num_attention_heads", 8),
-            mlp_width=r.int("intermediate_size", 2048),
+            vocab_size=r.int("vocab_size", 49408, 1_000_000),
+            max_length=r.int("max_position_embeddings", 77, 4096, low=2),
+            width=r.int("hidden_size", 512, MAX_CHANNELS),
+            layers=r.int("num_hidden_layers", 12, MAX_TEXT_LAYERS),
+            heads=r.int("num_attention_heads", 8, MAX_HEADS),
+            mlp_width=r.int("intermediate_size", 2048, 4 * MAX_CHANNELS),
             activation=d.get("hidden_act", "quick_gelu"),
             layer_norm_eps=r.float("layer_norm_eps", 1e-5),
         )
@@ -139,12 +149,12 @@ class VAEConfig:
             raise ModelLoadError("this VAE has a latent shift or per-channel statistics (SD3/Flux style); "
                                  "only SD 1.x/2.x KL autoencoders are supported.")
         return cls(
-            in_channels=r.int("in_channels", 3),
-            out_channels=r.int("out_channels", 3),
-            latent_channels=r.int("latent_channels", 4),
-            block_out_channels=r.ints("block_out_channels", (64,)),
-            layers_per_block=r.int("layers_per_block", 1),
-            norm_num_groups=r.int("norm_num_groups", 32),
+            in_channels=r.int("in_channels", 3, MAX_IO_CHANNELS),
+            out_channels=r.int("out_channels", 3, MAX_IO_CHANNELS),
+            latent_channels=r.int("latent_channels", 4, MAX_IO_CHANNELS),
+            block_out_channels=r.ints("block_out_channels", (64,), MAX_CHANNELS),
+            layers_per_block=r.int("layers_per_block", 1, MAX_REPEATS),
+            norm_num_groups=r.int("norm_num_groups", 32, MAX_CHANNELS),
             scaling_factor=r.float("scaling_factor", 0.18215),
             mid_block_attention=r.bool("mid_block_add_attention", True),
             use_quant_conv=r.bool("use_quant_conv", True) and r.bool("use_post_quant_conv", True),
@@ -185,7 +195,7 @@ class UNetConfig:
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
         """From a diffusers `UNet2DConditionModel` json (unet/config.json)."""
         r = _Read(d, "UNet")
-        widths = r.ints("block_out_channels", None)
+        widths = r.ints("block_out_channels", None, MAX_CHANNELS)
         levels = len(widths)
         looks = _unet_lookalike(d)
         if looks:
@@ -203,27 +213,27 @@ class UNetConfig:
         # diffusers' `attention_head_dim` holds the number of heads for SD 1.x/2.x (a historical
         # misnomer); `num_attention_heads` overrides it when present.
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-        heads = r.ints("attention_head_dim", None, heads) if isinstance(heads, (list, tuple)) \
-            else (r.int("attention_head_dim", None, value=heads),) * levels
+        heads = r.ints("attention_head_dim", None, MAX_HEADS, heads) if isinstance(heads, (list, tuple)) \
+            else (r.int("attention_head_dim", None, MAX_HEADS, value=heads),) * levels
         tlpb = d.get("transformer_layers_per_block", 1)
         if isinstance(tlpb, (list, tuple)):
             raise ModelLoadError("per-level transformer_layers_per_block (SDXL style) is not supported.")
         return cls(
-            in_channels=r.int("in_channels", 4),
-            out_channels=r.int("out_channels", 4),
+            in_channels=r.int("in_channels", 4, MAX_IO_CHANNELS),
+            out_channels=r.int("out_channels", 4, MAX_IO_CHANNELS),
             block_out_channels=widths,
-            layers_per_block=r.int("layers_per_block", 2),
+            layers_per_block=r.int("layers_per_block", 2, MAX_REPEATS),
             cross_attention=cross,
             heads=heads,
-            cross_attention_dim=r.int("cross_attention_dim", 1280),
+            cross_attention_dim=r.int("cross_attention_dim", 1280, MAX_CHANNELS),
             use_linear_projection=r.bool("use_linear_projection", False),
             upcast_attention=r.bool("upcast_attention", False),
-            transformer_layers_per_block=r.int("transformer_layers_per_block", 1),
-            norm_num_groups=r.int("norm_num_groups", 32),
+            transformer_layers_per_block=r.int("transformer_layers_per_block", 1, MAX_REPEATS),
+            norm_num_groups=r.int("norm_num_groups", 32, MAX_CHANNELS),
             norm_eps=r.float("norm_eps", 1e-5),
             flip_sin_to_cos=r.bool("flip_sin_to_cos", True),
-            freq_shift=r.int("freq_shift", 0, low=0),
-            sample_size=r.int("sample_size", 64),
+            freq_shift=r.int("freq_shift", 0, 100, low=0),
+            sample_size=r.int("sample_size", 64, 1024),
         )
 
     def __post_init__(self):
@@ -291,14 +301,14 @@ class SchedulerConfig:
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas)):
             raise ModelLoadError(f"the scheduler config's trained_betas is not a list of numbers in (0, 1); {_FIX}.")
         return cls(
-            num_train_timesteps=r.int("num_train_timesteps", 1000),
+            num_train_timesteps=r.int("num_train_timesteps", 1000, 100_000),
             beta_start=r.float("beta_start", 0.0001, high=1),
             beta_end=r.float("beta_end", 0.02, high=1),
             beta_schedule=r.str("beta_schedule", "linear", ("linear", "scaled_linear", "squaredcos_cap_v2")),
             trained_betas=tuple(betas) if betas is not None else None,
             prediction_type=prediction,
             timestep_spacing=r.str("timestep_spacing", "leading", ("leading", "trailing", "linspace")),
-            steps_offset=r.int("steps_offset", 0, low=0),
+            steps_offset=r.int("steps_offset", 0, 100_000, low=0),
             set_alpha_to_one=r.bool("set_alpha_to_one", True),
             clip_sample=r.bool("clip_sample", True),
             clip_sample_range=r.float("clip_sample_range", 1.0),
