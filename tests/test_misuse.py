@@ -83,13 +83,10 @@ def mask_file(path: Path, w: int, h: int, gray: bool = False, black: bool = Fals
 
 
 def model_variant(tmp: Path, base: Path, component: str, change: Callable[[Path], None]) -> Path:
-    """A model folder whose `component` is a changed copy and the rest links to the base model."""
+    """A copy of the base model whose `component` is changed (copies, not links: a link out of a
+    model folder is refused)."""
     folder = tmp / "model"
-    folder.mkdir()
-    for part in base.iterdir():
-        if part.name != component:
-            (folder / part.name).symlink_to(part)
-    shutil.copytree(base / component, folder / component)
+    shutil.copytree(base, folder)
     change(folder / component)
     return folder
 

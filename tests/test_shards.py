@@ -151,8 +151,11 @@ def test_a_killed_shard_resumes_without_losing_or_duplicating_rows(config_file, 
 def test_merge_and_world_size_refusals(tmp_path):
     out = tmp_path / "refusals"
     pipe = DiffEditPipeline.from_pretrained()
-    small = {**CONFIG, "items": {"benchmark": "shapes", "count": 2},
+    small = {**CONFIG, "items": {"benchmark": "shapes", "count": 3},
              "grid": {"num_inference_steps": 4, "mask_samples": 2, "guidance_scale": 1.0, "strength": 0.5}}
+    with pytest.raises(OutputFileError, match="does not exist"):
+        merge_shards(out)
+    out.mkdir()
     with pytest.raises(OutputFileError, match="holds no shards"):
         merge_shards(out)
     run_sweep(small, out, pipe=pipe, bar=False, shard=Shard(1, 3))

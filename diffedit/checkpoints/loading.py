@@ -66,31 +66,41 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
     `variant` picks e.g. the "fp16" files of a diffusers folder; `preset` ("sd1", "sd2-base",
     "sd2-v") says what a single original-layout file is, when its weights cannot tell (SD 2
     epsilon vs v-prediction)."""
-    if not isinstance(path_or_id, (str, os.PathLike)):
-        raise ModelLoadError(f"the model must be a folder, a checkpoint file or a hub id (a string or path), "
-                             f"not {type(path_or_id).__name__} {path_or_id!r:.40}.")
     device = parse_device(device)
     if isinstance(dtype, str) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         dtype = parse_dtype(dtype, device)   # "bf16" as from_pretrained reads it
+    path, kind = model_source(path_or_id)
     source = str(path_or_id)
-    path = user_path(source, ModelLoadError)
-    kind = path_kind(path)
-    is_hub_id = kind == "missing" and HUB_ID.match(source) is not None and not source.startswith((".", "/", "~"))
-    if (kind == "dir" or is_hub_id) and preset is not None:
+    if kind in ("dir", "hub id") and preset is not None:
         raise ModelLoadError(f"preset {preset!r} applies only to a single checkpoint file; {source} is a "
                              f"{'folder' if kind == 'dir' else 'hub id'} whose config files say what it is: "
                              "leave out the preset (--preset).")
     if kind == "dir":
         return _load_folder(path, device, dtype, variant, source)
     if kind == "file":
-        if path.suffix not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(f"{path} is not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)}).")
         return _load_single_file(path, device, dtype, preset, source)
+    return _load_folder(resolve_hub_id(source, variant), device, dtype, variant, source)
+
+
+def model_source(path_or_id: str | os.PathLike) -> tuple[Path, str]:
+    """(path, "dir" | "file" | "hub id") for a model argument, without reading any file or the
+    network; ModelLoadError for anything else (another type, a FIFO, a non-checkpoint file, a
+    missing path, a hub id the Hub would reject)."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise ModelLoadError(f"the model must be a folder, a checkpoint file or a hub id (a string or path), "
+                             f"not {type(path_or_id).__name__} {path_or_id!r:.40}.")
+    source = str(path_or_id)
+    path = user_path(source, ModelLoadError)
+    kind = path_kind(path)
+    if kind == "file" and path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"{path} is not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)}).")
+    if kind in ("dir", "file"):
+        return path, kind
     if kind != "missing":
         raise ModelLoadError(f"the model path {source} is {kind}, not a model folder or checkpoint file; pass a "
                              "diffusers-layout folder, a .safetensors/.ckpt file or a hub id.")
-    if is_hub_id:
-        return _load_folder(resolve_hub_id(check_hub_id(source), variant), device, dtype, variant, source)
+    if HUB_ID.match(source) is not None and not source.startswith((".", "/", "~")):
+        return Path(check_hub_id(source)), "hub id"
     raise ModelLoadError(f"{source} is neither an existing folder or file nor a hub id like "
                          "'stable-diffusion-v1-5/stable-diffusion-v1-5'; check the path.")
 

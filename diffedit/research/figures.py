@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,10 @@ import numpy as np
 from PIL import Image
 
 from diffedit.errors import DiffEditError, ParameterError
-from diffedit.io.images import atomic_write
+from diffedit.io.images import atomic_write, load_image
 from diffedit.io.pictures import mask_to_pil, overlay_mask
 from diffedit.research.plan import AXES
-from diffedit.research.table import CSV_NAME, ITEMS_NAME, read_json, read_rows
+from diffedit.research.table import CSV_NAME, ITEMS_NAME, read_json, read_rows, table_path
 
 DPI = 100
 NO_PER_SAMPLE = ("this mask has no per-sample maps (they are kept up to 64 noise samples); compute it with "
@@ -148,11 +149,25 @@ def _item_ids(rows: list[dict], items: list[dict], max_items: int | None) -> lis
     return order[:max_items] if max_items else order
 
 
-def _open(folder: Path, relative: str | None) -> Image.Image | None:
-    if not relative or not (folder / relative).is_file():
+def _open(folder: Path, relative: str | None, what: str) -> Image.Image | None:
+    """The picture at a path read from the sweep's files (refused if it leaves `folder`), None if absent."""
+    if not relative:
         return None
-    with Image.open(folder / relative) as im:
-        return im.convert("RGB")
+    path = table_path(folder, relative, what)
+    return load_image(path) if path.is_file() else None
+
+
+def _mask_maps(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a saved mask (.npz: soft, difference and maybe per_sample), without pickles."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            maps = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        maps = {}
+    if not {"soft", "difference"} <= set(maps):
+        raise ParameterError(f"{path} is not a saved mask (.npz with soft and difference maps); run the sweep again "
+                             "to rewrite it.")
+    return maps
 
 
 def _default_out(folder: Path, name: str) -> Path:
@@ -181,7 +196,7 @@ def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, o
     for c, v in enumerate(values, start=1):
         _title(fig, f"{column} = {v}", c, cell, width, height)
     for i, item in enumerate(ids):
-        picture = _open(folder, info.get(item, {}).get("input"))
+        picture = _open(folder, info.get(item, {}).get("input"), f"the input of item {item}")
         ax = _panel(fig, 0, i, cell, width, height)
         if picture is not None:
             ax.imshow(picture)
@@ -194,7 +209,7 @@ def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, o
             if not cell_rows:
                 continue
             row = _unique(cell_rows, "image", f"item {item}, {column} = {v}")
-            ax.imshow(_open(folder, row["image"]))
+            ax.imshow(_open(folder, row["image"], f"the edit of item {item}, {column} = {v}"))
             if annotate and row.get(annotate) is not None:
                 value = row[annotate]
                 text = f"{annotate} {value:.3g}" if isinstance(value, float) else f"{annotate} {value}"
@@ -235,16 +250,16 @@ def mask_overlays(sweep_dir, where: dict | None = None, out=None, cell: int = 12
     for i, item in enumerate(ids):
         item_rows = [r for r in rows if r["item"] == item]
         mask_row = _unique([{"m": (r["mask_file"], r["threshold"]), **r} for r in item_rows], "m", f"item {item}")
-        picture = _open(folder, info.get(item, {}).get("input"))
-        soft = np.load(folder / mask_row["mask_file"])["soft"]
+        picture = _open(folder, info.get(item, {}).get("input"), f"the input of item {item}")
+        soft = _mask_maps(table_path(folder, mask_row["mask_file"], f"the mask file of item {item}"))["soft"]
         size = picture.size if picture is not None else tuple(info.get(item, {}).get("size", soft.shape[::-1]))
         mask = mask_to_pil(soft, size, threshold=mask_row["threshold"])
         panels = [picture, np.asarray(mask_to_pil(soft, size)), None, None, None]
         if picture is not None:
             panels[2] = overlay_mask(picture, mask)
-            gt = _open(folder, info.get(item, {}).get("gt_mask"))
+            gt = _open(folder, info.get(item, {}).get("gt_mask"), f"the ground-truth mask of item {item}")
             panels[3] = overlay_mask(picture, gt.convert("L"), colour=(0, 200, 0)) if gt is not None else None
-        panels[4] = _open(folder, mask_row.get("image"))
+        panels[4] = _open(folder, mask_row.get("image"), f"the edit of item {item}")
         for c, p in enumerate(panels):
             ax = _panel(fig, c, i, cell, width, height)
             if p is not None:
@@ -306,11 +321,12 @@ def _mask_arrays(source, item, where, threshold, image, index):
         threshold = row["threshold"] if threshold is None else threshold
         if image is None:
             entry = next((it for it in items if it["id"] == item), {})
-            image = _open(folder, entry.get("input"))
-        path, default = folder / row["mask_file"], _default_out(folder, f"differences-{item}.png")
+            image = _open(folder, entry.get("input"), f"the input of item {item}")
+        path = table_path(folder, row["mask_file"], f"the mask file of item {item}")
+        default = _default_out(folder, f"differences-{item}.png")
     if not path.is_file():
         raise ParameterError(f"{path} is neither a sweep folder nor a saved mask (.npz); check the path.")
-    data = np.load(path)
+    data = _mask_maps(path)
     if "per_sample" not in data:
         raise ParameterError(NO_PER_SAMPLE)
     return data["per_sample"], data["difference"], data["soft"], 0.5 if threshold is None else threshold, image, default

@@ -9,8 +9,10 @@ shards into the one table a single process would have written.
     SWEEP/images/ITEM/, SWEEP/masks/ITEM/   pictures, per item (an item belongs to one shard)
 
 `merge_shards(SWEEP)` checks that the N shards ran one plan (same config, same grid, same N),
-that every one has finished, and writes SWEEP/results.jsonl, results.csv, sweep.json and
-items.json (all or none): the rows in the order of the plan, each (item, settings) once.
+that every one has finished and holds exactly the runs the plan gives it (as many rows as its
+marker counts, none of another shard's items, none outside the plan), and writes
+SWEEP/results.jsonl, results.csv, sweep.json and items.json (all or none): the rows in the order
+of the plan, each (item, settings) once.
 
 A folder is split one way for its whole life: a run with another number of processes is refused
 while its shards are there (delete SWEEP/shards to re-plan from scratch).
@@ -22,12 +24,13 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffedit.errors import OutputFileError
-from diffedit.research.plan import Item, SweepConfig, plan_digest, plan_runs
-from diffedit.research.shards import FolderLock, Shard
+from diffedit.research.plan import Item, SweepConfig, plan_digest, plan_runs, runs_per_item
+from diffedit.research.shards import FolderLock, Shard, assign
 from diffedit.research.table import (
     CONFIG_NAME,
     CSV_NAME,
@@ -117,6 +120,9 @@ def merge_shards(out_dir: str | os.PathLike) -> MergeResult:
     """One table from the shards of SWEEP (see the module docstring)."""
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser()
+    if not out.is_dir():
+        raise OutputFileError(f"{out} is not a folder; give the sweep folder to merge." if os.path.lexists(out) else
+                              f"the sweep folder {out} does not exist; check the path.")
     counts = sorted(existing_shards(out))
     if not counts:
         raise OutputFileError(f"{out} holds no shards (no {SHARDS}/K-of-N folders); run the sweep with --shard "
@@ -144,15 +150,41 @@ def merge_shards(out_dir: str | os.PathLike) -> MergeResult:
     if plan_digest(cfg, runs) not in plans:
         raise OutputFileError(f"the completion markers in {out / SHARDS} do not match the config they ran; "
                               "delete the shards' done.json files and run the shards again.")
+    owner = assign(runs_per_item(runs, len(items)), count)
+    shard_of = {r.key: owner[r.item] for r in runs}
+    planned = Counter(shard_of.values())
     with FolderLock(out):
-        rows = canonical_order([row for k in range(count) for row in read_rows(out / SHARDS / f"{k}-of-{count}")],
-                               [r.key for r in runs])
+        rows = [row for k in range(count)
+                for row in shard_rows(out, Shard(k, count), markers[k], shard_of, planned[k])]
+        rows = canonical_order(rows, [r.key for r in runs])
         listing = _merged_items(out, count, ids)
         texts = {out / RESULTS: "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows),
                  out / CONFIG_NAME: (first / CONFIG_NAME).read_text(encoding="utf-8"),
                  out / ITEMS_NAME: json.dumps(listing, indent=2) + "\n", out / CSV_NAME: csv_text(rows)}
         write_together(texts)
     return MergeResult(out, rows, count, time.perf_counter() - t0)
+
+
+def shard_rows(out: Path, shard: Shard, marker: dict, shard_of: dict[str, int], planned: int) -> list[dict]:
+    """The rows of one finished shard, refused unless they are exactly the `planned` runs the plan
+    gives it (`shard_of`: run key -> shard) and as many as its completion marker counts."""
+    path = shard_folder(out, shard) / RESULTS
+    rows = read_rows(path.parent)
+    again = f"run it again with --shard {shard.index}/{shard.count} and merge again"
+    for row in rows:
+        owner = shard_of.get(row.get("key"))
+        if owner is None:
+            raise OutputFileError(f"shard {shard.index} of {shard.count} holds a row of item {row.get('item')!r} whose "
+                                  f"key is not a run of the plan (an older grid, or an edit); delete it from {path}, "
+                                  f"{again}.")
+        if owner != shard.index:
+            raise OutputFileError(f"shard {shard.index} of {shard.count} holds a row of item {row.get('item')!r}, "
+                                  f"which the plan gives to shard {owner}; delete it from {path}, {again}.")
+    if len(rows) != marker.get("rows") or len(rows) != planned:
+        noun = "row" if len(rows) == 1 else "rows"
+        raise OutputFileError(f"shard {shard.index} of {shard.count} has {len(rows)} {noun} in {path}, but its {DONE} "
+                              f"counts {marker.get('rows')} and the plan gives it {planned}; {again}.")
+    return rows
 
 
 def canonical_order(rows: list[dict], order: list[str]) -> list[dict]:
@@ -169,7 +201,12 @@ def _merged_items(out: Path, count: int, order: list[str]) -> list[dict]:
     for k in range(count):
         path = out / SHARDS / f"{k}-of-{count}" / ITEMS_NAME
         if path.is_file():
-            for entry in read_json(path, "item list"):
+            listing = read_json(path, "item list")
+            if not isinstance(listing, list) or not all(isinstance(e, dict) and isinstance(e.get("id"), str)
+                                                        for e in listing):
+                raise OutputFileError(f"the item list {path} is not a list of items with an \"id\"; run shard {k} "
+                                      f"again with --shard {k}/{count} to rewrite it, and merge again.")
+            for entry in listing:
                 entries.setdefault(entry["id"], entry)
     return [entries[i] for i in order if i in entries]
 

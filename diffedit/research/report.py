@@ -42,7 +42,24 @@ def read_summary(folder) -> tuple[Path, dict]:
     if not isinstance(payload, dict) or not isinstance(payload.get("summary"), list) or \
             not all(isinstance(r, dict) and "method" in r for r in payload["summary"]):
         raise ParameterError(f"{path} is not a bench summary; run `diffedit bench` again to rewrite it.")
+    _check_fields(path, payload)
     return folder, payload
+
+
+def _check_fields(path: Path, payload: dict) -> None:
+    """Refuse a summary whose methods are not names or whose rows lack a number r (copy: none)."""
+    methods = payload.get("methods", [])
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise ParameterError(f"the \"methods\" of {path} are not a list of names; run `diffedit bench` again to "
+                             "rewrite it.")
+    for n, row in enumerate(payload["summary"], start=1):
+        method, strength = row["method"], row.get("strength")
+        if not isinstance(method, str) or not method:
+            raise ParameterError(f"row {n} of the summary in {path} has a method that is not a name "
+                                 f"({method!r:.40}); run `diffedit bench` again to rewrite it.")
+        if not (_finite(strength) or strength is None and method == "copy"):
+            raise ParameterError(f"row {n} of the summary in {path} ({method}) has no number as its strength r "
+                                 f"({strength!r:.40}); run `diffedit bench` again to rewrite it.")
 
 
 def columns(summary: list[dict]) -> list[str]:

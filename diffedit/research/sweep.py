@@ -59,6 +59,8 @@ import itertools
 import json
 import os
 import time
+import warnings
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +69,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffedit.checkpoints.loading import model_source
+from diffedit.devices import PrecisionWarning, parse_device, parse_dtype
 from diffedit.errors import OutputFileError, ParameterError
 from diffedit.io.files import atomic_write, atomic_write_text
 from diffedit.io.images import save_image
@@ -98,6 +102,7 @@ from diffedit.research.table import (
     check_config,
     check_table_files,
     read_rows,
+    write_config,
     write_csv,
     write_rows,
 )
@@ -148,34 +153,43 @@ def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable 
     after each row is written (raising from it stops the sweep, resumable). With `shard` K/N (N > 1)
     only the items assigned to shard K run, into `out_dir`/shards/K-of-N (research/merge.py).
     Metrics that import code named by the config need `trust_config_code`. `items` replaces the
-    config's "items" reader (research/benchmarks reads its own; the spec stays the table's identity)."""
+    config's "items" reader (research/benchmarks reads its own; the spec stays the table's identity).
+    The device, dtype, model path and shard count are checked before any file is written; a model
+    that then fails to load leaves no sweep.json and removes the folders this call made."""
     cfg = SweepConfig.parse(config)
     check_trust(cfg, trust_config_code)
     shard = shard or Shard(0, 1, "single")
+    if pipe is None:
+        check_model_settings(cfg, shard)
     items = load_items(cfg.items) if items is None else items
+    check_shard_count(shard, len(items))
     runs = plan_runs(cfg, items)
     out = Path(out_dir).expanduser()
     folder = shard_folder(out, shard) if shard.count > 1 else out
     if out.is_dir():
         check_layout(out, shard)
+    read_rows(folder)   # a broken table is refused before anything is written
+    owner = assign(runs_per_item(runs, len(items)), shard.count)
+    runs = [r for r in runs if owner[r.item] == shard.index]
+    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputFileError(f"cannot create the sweep folder {folder} ({e.strerror}); choose another --out.") from None
     check_table_files(folder)
-    read_rows(folder)   # a broken table is refused before anything is written
-    owner = assign(runs_per_item(runs, len(items)), shard.count)
-    runs = [r for r in runs if owner[r.item] == shard.index]
     with FolderLock(folder):
         check_config(folder, cfg)
-        extra = M.registered_metrics()
-        extra.update({n: M.load_metric(n, s["factory"], s["weights"]) for n, s in cfg.metrics.items()})
+        with removed_on_failure(created, folder):   # a sweep that cannot start leaves no folder behind
+            extra = M.registered_metrics()
+            extra.update({n: M.load_metric(n, s["factory"], s["weights"]) for n, s in cfg.metrics.items()})
+            finished = {r.get("key") for r in read_rows(folder)}
+            todo = [r for r in runs if r.key not in finished]
+            if pipe is None and todo:
+                from diffedit.pipeline import DiffEditPipeline
+                pipe = DiffEditPipeline.from_pretrained(cfg.model, device=shard.device(cfg.device), dtype=cfg.dtype)
+        write_config(folder, cfg)
         clear_done(folder)
-        finished = {r.get("key") for r in read_rows(folder, repair=True)}
-        todo = [r for r in runs if r.key not in finished]
-        if pipe is None and todo:
-            from diffedit.pipeline import DiffEditPipeline
-            pipe = DiffEditPipeline.from_pretrained(cfg.model, device=shard.device(cfg.device), dtype=cfg.dtype)
+        read_rows(folder, repair=True)
         _write_items(out, folder, [items[i] for i in sorted({r.item for r in runs})], cfg.save_images)
         skipped = done = len(runs) - len(todo)
         meter = progress_bar(len(runs), "runs", initial=done, enabled=bar, description=f"sweep {shard.name}")
@@ -218,6 +232,42 @@ def check_trust(cfg: SweepConfig, trust_config_code: bool) -> None:
     if cfg.metrics and not trust_config_code:
         raise ParameterError(f"the sweep config imports code for the metrics {', '.join(sorted(cfg.metrics))}; "
                              "pass --trust-config-code (trust_config_code=True) if you trust it.")
+
+
+def check_model_settings(cfg: SweepConfig, shard: Shard) -> None:
+    """Refuse, before anything is written, the device, dtype or model path that loading the
+    pipeline would refuse (a hub id is checked for its spelling only)."""
+    device = parse_device(shard.device(cfg.device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)   # said when the model loads
+        parse_dtype(cfg.dtype, device)
+    if cfg.model is not None:   # None: the embedded model
+        model_source(cfg.model)
+
+
+def check_shard_count(shard: Shard, items: int) -> None:
+    """A shard runs whole items, so a sweep splits into at most as many shards as it has items."""
+    if shard.count > max(items, 1):
+        raise ParameterError(f"the sweep has {items} item{'s' if items != 1 else ''}, so it splits into at most "
+                             f"{items} shards (each runs whole items), not {shard.count} ({shard.source}); run at most "
+                             f"{items} processes.")
+
+
+@contextmanager
+def removed_on_failure(created: Path | None, folder: Path):
+    """If the block fails, remove the folders from `created` down to `folder` (made by this call),
+    with the lock file, as long as nothing else was written in them."""
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            with suppress(OSError):
+                os.unlink(FolderLock(folder).path)
+                for path in (folder, *folder.parents):
+                    path.rmdir()
+                    if path == created:
+                        break
+        raise
 
 
 def _write_items(out: Path, folder: Path, items: list[Item], save_images: bool) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from diffedit.errors import OutputFileError, ParameterError
 from diffedit.io.files import atomic_write_text
-from diffedit.research.plan import IDENTITY_KEYS, SweepConfig
+from diffedit.research.plan import IDENTITY_KEYS, SweepConfig, inside
 
 RESULTS, CSV_NAME, CONFIG_NAME, ITEMS_NAME = "results.jsonl", "results.csv", "sweep.json", "items.json"
 TABLE_FILES = (RESULTS, CSV_NAME, CONFIG_NAME, ITEMS_NAME)
@@ -24,8 +24,9 @@ TABLE_FILES = (RESULTS, CSV_NAME, CONFIG_NAME, ITEMS_NAME)
 
 def read_rows(out_dir: str | os.PathLike, repair: bool = False) -> list[dict]:
     """The rows of results.jsonl, each key once (a repeated key, e.g. a line copied by hand,
-    counts once: the first line wins). A torn last line (no newline, or not JSON) is ignored, and
-    removed from the file when `repair`; any other line that is not a JSON object is refused."""
+    counts once: the first line wins; the same key with other values is refused). A torn last
+    line (no newline, or not JSON) is ignored, and removed from the file when `repair`; any other
+    line that is not a JSON object with a text "key" and finite numbers is refused."""
     path = Path(out_dir) / RESULTS
     if os.path.lexists(path) and not path.is_file():
         raise OutputFileError(f"{path} is not a file; move it away so that the sweep can write its results there.")
@@ -36,30 +37,39 @@ def read_rows(out_dir: str | os.PathLike, repair: bool = False) -> list[dict]:
     except UnicodeDecodeError:
         raise ParameterError(f"{path} is not UTF-8 text, so not a results table; move it away and resume.") from None
     lines = text.split("\n")
-    rows, keys, torn = [], set(), False
-    for n, line in enumerate(lines):
+    rows, by_key = [], {}
+    for n, line in enumerate(lines[:-1]):   # a complete line is followed by "\n", so the last piece is torn
         if not line.strip():
             continue
-        last = n == len(lines) - 1   # a complete line is followed by "\n", so the last piece is torn
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if row is None or last:
-            if not last:
-                raise ParameterError(f"line {n + 1} of {path} is not JSON; delete that line and resume.")
-            torn = True
-            continue
-        if not isinstance(row, dict):
-            raise ParameterError(f"line {n + 1} of {path} is not a JSON object (a row); delete that line and resume.")
+        row = _parse_row(line, f"line {n + 1} of {path}")
         key = row.get("key")
-        if key is not None and key in keys:
+        if key in by_key:
+            if by_key[key] != row:
+                raise ParameterError(f"line {n + 1} of {path} repeats the key of an earlier row with other values; "
+                                     "delete the wrong line and resume.")
             continue
-        keys.add(key)
+        if key is not None:
+            by_key[key] = row
         rows.append(row)
-    if torn and repair:
+    if lines[-1].strip() and repair:
         write_rows(path.parent, rows)
     return rows
+
+
+def _parse_row(line: str, where: str) -> dict:
+    """One complete line of results.jsonl as a row, or ParameterError naming `where`."""
+    def not_finite(constant: str):
+        raise ParameterError(f"{where} holds {constant}, which a results table never does; delete that line and "
+                             "resume.")
+    try:
+        row = json.loads(line, parse_constant=not_finite)
+    except (json.JSONDecodeError, RecursionError):
+        raise ParameterError(f"{where} is not JSON; delete that line and resume.") from None
+    if not isinstance(row, dict):
+        raise ParameterError(f"{where} is not a JSON object (a row); delete that line and resume.")
+    if row.get("key") is not None and not isinstance(row["key"], str):
+        raise ParameterError(f"{where} has a \"key\" that is not text; delete that line and resume.")
+    return row
 
 
 def write_rows(out_dir: Path, rows: list[dict]) -> Path:
@@ -114,14 +124,26 @@ def check_config(out_dir: Path, cfg: SweepConfig) -> None:
         if differs and (out_dir / RESULTS).is_file():
             raise OutputFileError(f"{out_dir} holds a sweep with another {', '.join(differs)}; choose another output "
                                   "folder (only the grid may change when resuming).")
-    atomic_write_text(path, json.dumps(cfg.as_dict(), indent=2, default=str) + "\n", overwrite=True)
+
+
+def write_config(out_dir: Path, cfg: SweepConfig) -> None:
+    """sweep.json: the config of the runs the folder is about to hold."""
+    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(cfg.as_dict(), indent=2, default=str) + "\n", overwrite=True)
+
+
+def table_path(folder: Path, relative, what: str) -> Path:
+    """FOLDER/RELATIVE for a path read from a results file (a row's image, an item's input),
+    refused unless it is text that stays inside FOLDER (plan.inside)."""
+    if not isinstance(relative, str) or "\0" in relative:
+        raise ParameterError(f"{what} ({relative!r:.60}) is not a file path; run the sweep again to rewrite it.")
+    return inside(folder, relative, what)
 
 
 def read_json(path: Path, what: str):
     """A JSON file this package wrote (sweep.json, items.json, a shard's done.json)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise OutputFileError(f"the {what} {path} cannot be read as JSON; delete it and run again.") from None
 
 

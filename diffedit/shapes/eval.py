@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from diffedit.errors import OutputFileError, ParameterError
+from diffedit.io.files import user_path
 from diffedit.research.plan import SweepConfig
 from diffedit.research.shards import FolderLock
 from diffedit.research.sweep import run_sweep
@@ -146,7 +147,7 @@ def prepare_output(out_dir: str | Path, settings: EvalSettings, model: str | Non
     """Check the results folder before any work: it must be a writable folder (or creatable), and
     either new, empty, or holding this same evaluation (which then resumes). A folder holding
     anything else is refused unless `overwrite`, which removes only the evaluation's own files."""
-    out = Path(out_dir).expanduser()
+    out = user_path(out_dir, OutputFileError)
     if os.path.lexists(out) and not out.is_dir():
         raise OutputFileError(f"--out {out} is a file, not a folder; choose a folder for the results.")
     existing = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
@@ -161,8 +162,7 @@ def prepare_output(out_dir: str | Path, settings: EvalSettings, model: str | Non
         for name in ours:
             if (out / name).is_file():
                 (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out   # made by the sweep once the model has loaded: a model that fails leaves no empty folder
 
 
 def _same_evaluation(out: Path, settings: EvalSettings, model: str | None) -> bool:

@@ -36,7 +36,8 @@ from PIL import Image
 
 from diffedit.devices import parse_device
 from diffedit.errors import ParameterError
-from diffedit.research.table import RESULTS, read_json, read_rows, write_together
+from diffedit.io.images import load_image
+from diffedit.research.table import RESULTS, read_json, read_rows, table_path, write_together
 
 PER_EDIT = ("lpips", "l1", "clip_score", "deit", "background", "clip_edited", "structure")
 PER_SET = ("fid", "sfid", "csfid")
@@ -95,10 +96,14 @@ def _edit_rows(folder: Path) -> list[dict]:
                  for line in copy.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
         raise ParameterError(f"{folder} holds no bench rows (results.jsonl or copy.jsonl); run `diffedit bench` first.")
+    if not all(isinstance(r.get("item"), str) for r in rows):
+        raise ParameterError(f"a row of {folder / RESULTS} or copy.jsonl has no item id; run `diffedit bench` again "
+                             "to rewrite it.")
     return rows
 
 
 def _open(path: Path) -> Image.Image:
+    """An ImageNet train picture, read as the reference implementations read it (no EXIF turn)."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -178,10 +183,12 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
     scored, feats, current = [], {}, None
     for r in rows:
         item = items.get(r["item"], {})
-        edited = _open(folder / r["image"])
+        edited = load_image(table_path(folder, r.get("image"), f"the image of the row of item {r['item']}"))
         if current is None or current[0] != r["item"]:   # an item's rows follow one another (the plan's order):
-            pictures = folder / "images" / r["item"]       # its input and mask are read once, one item held
-            current = (r["item"], _open(pictures / "input.png"), _open(pictures / "gt_mask.png") if masked else None)
+            pictures = f"images/{r['item']}/"              # its input and mask are read once, one item held
+            current = (r["item"], load_image(table_path(folder, pictures + "input.png", f"the input of {r['item']}")),
+                       load_image(table_path(folder, pictures + "gt_mask.png", f"the mask of {r['item']}"))
+                       if masked else None)
         _, original, gt = current
         out = {"key": r["key"], "item": r["item"], "method": r["method"], "strength": r.get("strength")}
         if "lpips" in scorers:
