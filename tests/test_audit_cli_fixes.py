@@ -130,6 +130,18 @@ def test_home_of_an_unknown_user_is_one_sentence(tmp_path, no_model, capsys, whe
     one_line_error(code, out, err, f"starts with {NO_HOME}", "no home folder is known", "write the path out in full")
 
 
+@pytest.mark.parametrize("argv", [["sweep", f"{NO_HOME}/cfg.json"], ["sweep", "merge", f"{NO_HOME}/run"],
+                                  ["bench", "pairs", f"{NO_HOME}/pairs.csv"], ["bench", "report", f"{NO_HOME}/run"],
+                                  ["eval", "shapes", "--out", f"{NO_HOME}/ev"], ["edit", "in.png", "--source", "a",
+                                                                               "--target", "b", "--model", f"{NO_HOME}/m"]],
+                         ids=["sweep", "merge", "bench-pairs", "bench-report", "eval-out", "model"])
+def test_home_of_an_unknown_user_is_one_sentence_in_every_command(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    gray(tmp_path / "in.png", (24, 16))
+    code, out, err = run_cli(argv, capsys)
+    one_line_error(code, out, err, f"starts with {NO_HOME}", "no home folder is known")
+
+
 def test_user_path_refusals_keep_their_error_class():
     with pytest.raises(ImageInputError, match="no home folder is known"):
         load_image(f"{NO_HOME}/in.png")

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from diffedit.errors import DiffEditError, ParameterError
+from diffedit.io.files import user_path
 from diffedit.io.images import atomic_write, load_image
 from diffedit.io.pictures import mask_to_pil, overlay_mask
 from diffedit.research.plan import AXES
@@ -99,7 +100,7 @@ def _title(fig, text: str, col: int, cell: int, width: int, height: int) -> None
 # ---------------------------------------------------------------------- reading a sweep
 
 def _load(sweep_dir: str | os.PathLike) -> tuple[Path, list[dict], list[dict]]:
-    folder = Path(sweep_dir).expanduser()
+    folder = user_path(sweep_dir, ParameterError)
     rows = read_rows(folder)
     if not rows:
         raise ParameterError(f"{folder} holds no sweep results (results.jsonl); run `diffedit sweep` there first.")
@@ -308,7 +309,7 @@ def _mask_arrays(source, item, where, threshold, image, index):
             raise ParameterError(NO_PER_SAMPLE)
         return (source.per_sample[index].cpu().numpy(), source.difference[index].cpu().numpy(),
                 source.soft[index].cpu().numpy(), threshold, picture, None)
-    path = Path(source).expanduser()
+    path = user_path(source, ParameterError)
     default = None
     if path.is_dir():
         folder, rows, items = _load(path)

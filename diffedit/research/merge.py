@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffedit.errors import OutputFileError
+from diffedit.io.files import user_path
 from diffedit.research.plan import Item, SweepConfig, plan_digest, plan_runs, runs_per_item
 from diffedit.research.shards import FolderLock, Shard, assign
 from diffedit.research.table import (
@@ -119,7 +120,7 @@ def all_done(out: Path, count: int, plan: str | None = None) -> bool:
 def merge_shards(out_dir: str | os.PathLike) -> MergeResult:
     """One table from the shards of SWEEP (see the module docstring)."""
     t0 = time.perf_counter()
-    out = Path(out_dir).expanduser()
+    out = user_path(out_dir, OutputFileError)
     if not out.is_dir():
         raise OutputFileError(f"{out} is not a folder; give the sweep folder to merge." if os.path.lexists(out) else
                               f"the sweep folder {out} does not exist; check the path.")

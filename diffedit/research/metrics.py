@@ -24,7 +24,6 @@ import importlib
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffedit.errors import ParameterError
+from diffedit.io.files import user_path
 from diffedit.io.pictures import mask_to_pil
 
 PSNR_CAP = 100.0          # dB reported when the images agree exactly (MSE = 0) or better than this
@@ -225,7 +225,7 @@ def load_metric(name: str, factory: str, weights: str | os.PathLike) -> MetricFn
     """A user metric from a sweep config: `factory` is "package.module:function", called once
     with the path of the weights the user supplies; it returns fn(MetricInputs) -> float.
     Nothing is downloaded: a missing weights path is an error."""
-    path = Path(weights).expanduser()
+    path = user_path(weights, ParameterError)
     if not path.exists():
         raise ParameterError(f"the weights {path} for metric {name!r} do not exist; give the path of weights you "
                              "have, or remove the metric from the config.")

@@ -20,6 +20,7 @@ from PIL import Image
 
 from diffedit.arguments import check_prompt_pairs
 from diffedit.errors import ParameterError, PromptError
+from diffedit.io.files import user_path
 from diffedit.io.images import load_image
 from diffedit.research import metrics as M
 from diffedit.settings import ABLATIONS, DEFAULT, check
@@ -52,7 +53,7 @@ class SweepConfig:
         if isinstance(config, SweepConfig):
             return config
         if isinstance(config, (str, os.PathLike)):
-            path = Path(config).expanduser()
+            path = user_path(config, ParameterError)
             try:
                 config = json.loads(path.read_text(encoding="utf-8-sig"))
             except OSError as e:
@@ -201,7 +202,7 @@ def load_items(spec: dict) -> list[Item]:
         return [Item(f"shapes-{i:03d}", Image.fromarray(e.source_image), e.source_caption, e.target_caption,
                      e.edit_mask, e) for i, e in enumerate(heldout_edits(spec["count"]))]
     if isinstance(spec, dict) and spec.get("folder") is not None:
-        return _folder_items(Path(spec["folder"]).expanduser())
+        return _folder_items(user_path(spec["folder"], ParameterError))
     raise ParameterError('"items" must be {"benchmark": "shapes", "count": N} or {"folder": DIR}.')
 
 

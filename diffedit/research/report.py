@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from diffedit.errors import ParameterError
-from diffedit.io.files import atomic_write_text
+from diffedit.io.files import atomic_write_text, user_path
 from diffedit.research import figures as F
 from diffedit.research.benchmarks.summary import METHODS
 from diffedit.research.table import RESULTS, read_json
@@ -33,7 +33,7 @@ NOT_COLUMNS = ("method", "strength", "items")
 
 def read_summary(folder) -> tuple[Path, dict]:
     """The folder and its summary.json payload ({"benchmark", "methods", "summary": [rows]})."""
-    folder = Path(folder).expanduser()
+    folder = user_path(folder, ParameterError)
     path = folder / "summary.json"
     if not path.is_file():
         raise ParameterError(f"{folder} holds no bench summary (summary.json); run `diffedit bench BENCHMARK --out "

@@ -72,7 +72,7 @@ from PIL import Image
 from diffedit.checkpoints.loading import model_source
 from diffedit.devices import PrecisionWarning, parse_device, parse_dtype
 from diffedit.errors import OutputFileError, ParameterError
-from diffedit.io.files import atomic_write, atomic_write_text
+from diffedit.io.files import atomic_write, atomic_write_text, user_path
 from diffedit.io.images import save_image
 from diffedit.io.pictures import mask_to_pil
 from diffedit.io.progress import progress_bar
@@ -164,7 +164,7 @@ def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable 
     items = load_items(cfg.items) if items is None else items
     check_shard_count(shard, len(items))
     runs = plan_runs(cfg, items)
-    out = Path(out_dir).expanduser()
+    out = user_path(out_dir, OutputFileError)
     folder = shard_folder(out, shard) if shard.count > 1 else out
     if out.is_dir():
         check_layout(out, shard)

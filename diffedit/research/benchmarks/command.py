@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from diffedit.errors import OutputFileError, ParameterError
+from diffedit.io.files import user_path
 from diffedit.io.images import save_image
 from diffedit.research.benchmarks import NAMES, read_benchmark
 from diffedit.research.benchmarks.summary import METHODS, write_summary
@@ -113,7 +114,7 @@ def reader_spec(args) -> dict:
     if not data:
         what = "FILE (a CSV or JSONL)" if args.benchmark == "pairs" else "--data DIR"
         raise ParameterError(f"`diffedit bench {args.benchmark}` needs {what}: the benchmark's files on this machine.")
-    spec = {"benchmark": args.benchmark, "data": str(Path(data).expanduser().resolve())}
+    spec = {"benchmark": args.benchmark, "data": str(user_path(data, ParameterError).resolve())}
     if args.benchmark == "imagenet":
         spec.update(split=args.split, template=args.template, ground_truth=args.ground_truth)
     if args.benchmark == "pie-bench":
@@ -157,7 +158,7 @@ def run(args) -> int:
         options = parse_options(args.slurm)
     if config is not None:
         SweepConfig.parse(config)   # every setting checked before any image is read
-    out = Path(args.out).expanduser() if args.out else Path("bench") / args.benchmark
+    out = user_path(args.out, OutputFileError) if args.out else Path("bench") / args.benchmark
     stored = stored_spec(out)
     if stored is not None and {k: v for k, v in stored.items() if k != "digest"} != spec:
         raise OutputFileError(f"{out} holds the results of another benchmark spec (see {out / 'benchmark.json'}); "

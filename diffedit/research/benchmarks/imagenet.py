@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from diffedit.errors import ParameterError
+from diffedit.io.files import user_path
 from diffedit.io.images import load_image
 from diffedit.research.benchmarks.common import Benchmark, subset
 from diffedit.research.plan import Item
@@ -77,7 +78,7 @@ def read_imagenet(root: str | Path, split: str = "test", template: str = "{}", g
     docstring for the two layouts), or `limit` of them (common.subset). Item ids are
     `flexit-<row id>`, the query's own number."""
     template = check_template(template)
-    root = Path(root).expanduser()
+    root = user_path(root, ParameterError)
     if not root.is_dir():
         raise ParameterError(f"the ImageNet validation folder {root} does not exist; {WHERE}.")
     rows = read_queries(split, queries)
@@ -111,7 +112,7 @@ def read_imagenet(root: str | Path, split: str = "test", template: str = "{}", g
 
 def _ground_truth(root: Path, given: str | None) -> dict[int, str]:
     """Validation image number -> wnid, from LOC_val_solution.csv or a one-wnid-per-line file."""
-    candidates = [Path(given).expanduser()] if given else [root / n for n in GROUND_TRUTH_NAMES]
+    candidates = [user_path(given, ParameterError)] if given else [root / n for n in GROUND_TRUTH_NAMES]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise ParameterError(f"{root} holds validation images without class folders, and no ground-truth file "

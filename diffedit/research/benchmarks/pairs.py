@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from diffedit.errors import ParameterError
+from diffedit.io.files import user_path
 from diffedit.research.benchmarks.common import Benchmark, subset
 from diffedit.research.plan import Item, check_item_id, check_prompts, folder_files, too_deep
 
@@ -62,7 +63,7 @@ def read_rows(path: Path) -> list[dict]:
 
 def read_pairs(file: str | Path, limit: int | None = None, seed: int = 0) -> Benchmark:
     """The rows of a pairs file as items (or `limit` of them, common.subset), in file order."""
-    path = Path(file).expanduser()
+    path = user_path(file, ParameterError)
     folder = path.parent
     rows = read_rows(path)
     if not rows:

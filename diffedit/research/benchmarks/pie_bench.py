@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from diffedit.errors import ParameterError
+from diffedit.io.files import user_path
 from diffedit.io.images import load_image
 from diffedit.research.benchmarks.common import Benchmark, subset
 from diffedit.research.plan import Item, check_item_id, inside, too_deep
@@ -65,7 +66,7 @@ def decode_mask(runs: list[int], shape: tuple[int, int] = MASK_SHAPE, border_qui
 def read_pie_bench(data: str | Path, border_quirk: bool = True, limit: int | None = None, seed: int = 0) -> Benchmark:
     """Every edit of the mapping file (or `limit` of them, common.subset), with its image, prompts,
     ground-truth mask and edit type. Item ids are `pie-<image id>`."""
-    data = Path(data).expanduser()
+    data = user_path(data, ParameterError)
     mapping_path, images = data / "mapping_file.json", data / "annotation_images"
     for path in (mapping_path, images):
         if not path.exists():

@@ -36,6 +36,7 @@ from PIL import Image
 
 from diffedit.devices import parse_device
 from diffedit.errors import ParameterError
+from diffedit.io.files import user_path
 from diffedit.io.images import load_image
 from diffedit.research.table import RESULTS, read_json, read_rows, table_path, write_together
 
@@ -123,7 +124,7 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
         model, processor = networks.clip(clip_model, weights)
         return CLIPScorer(model.to(device), processor, clip_model)
 
-    folder = Path(folder).expanduser()
+    folder = user_path(folder, ParameterError)
     listing = read_json(folder / "benchmark.json", "benchmark listing") if (folder / "benchmark.json").is_file() \
         else None
     if listing is None or not (folder / "summary.json").is_file():
@@ -272,7 +273,7 @@ def compute_stats(root, out, weights=None, per_class=None, batch=16, bar=True, d
     if per_class is not None and per_class < 1:
         raise ParameterError(f"--per-class must be at least 1, got {per_class}.")
     index = {r["path"].split("/")[0]: r["source_id"] for s in ("test", "dev") for r in read_queries(s)}
-    files = train_images(Path(root).expanduser(), per_class)
+    files = train_images(user_path(root, ParameterError), per_class)
     inception, acc = networks.inception(weights).to(device), sets.Accumulator()
     for start in range(0, len(files), batch):
         chunk = files[start:start + batch]

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from diffedit.errors import ModelLoadError
+from diffedit.errors import ModelLoadError, ParameterError
+from diffedit.io.files import user_path
 from diffedit.research.scores.weights import (
     find_file,
     load_into,
@@ -111,8 +112,8 @@ class CLIPAdapter(torch.nn.Module):
 def clip_folder(model: str, folder: str | os.PathLike | None = None) -> Path:
     """The local folder of a CLIP model: `model` itself if it is a folder, else DIR/<name> for a
     hub-style id such as openai/clip-vit-large-patch14 (DIR = the metric weights folder)."""
-    if Path(model).expanduser().is_dir():
-        return Path(model).expanduser()
+    if user_path(model, ParameterError).is_dir():
+        return user_path(model, ParameterError)
     path = weights_dir(folder) / model.rstrip("/").split("/")[-1]
     if not path.is_dir():
         raise ModelLoadError(f"CLIPScore with {model} needs its files in {path} (config.json, model.safetensors, the "

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from diffedit.errors import ModelLoadError, ParameterError
+from diffedit.io.files import user_path
 from diffedit.research.scores.networks import device_of
 from diffedit.research.scores.perceptual import flexit_crop
 
@@ -99,7 +100,7 @@ def save_statistics(stats: dict[str, torch.Tensor], path: str | Path, about: dic
 def load_statistics(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and the `about` record of a statistics file written by save_statistics."""
     from safetensors import safe_open
-    path = Path(path).expanduser()
+    path = user_path(path, ParameterError)
     if not path.is_file():
         raise ParameterError(f"the reference statistics {path} do not exist; compute them once with `diffedit bench "
                              "stats IMAGENET_TRAIN --out FILE`.")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from diffedit.errors import ModelLoadError, ParameterError
+from diffedit.io.files import user_path
 
 ENV = "DIFFEDIT_METRIC_WEIGHTS"
 
@@ -43,7 +44,7 @@ def weights_dir(given: str | os.PathLike | None = None) -> Path:
     if not folder:
         raise ParameterError(f"the metrics need their networks' weights: pass --metric-weights DIR or set {ENV} to "
                              "the folder that holds them (nothing is downloaded).")
-    path = Path(folder).expanduser()
+    path = user_path(folder, ParameterError)
     if not path.is_dir():
         raise ParameterError(f"the metric weights folder {path} does not exist; pass the folder that holds the "
                              "metric networks' files.")
