@@ -204,6 +204,14 @@ def test_submit_runs_the_shards_as_a_submitit_array_and_merges(config_file, sing
     assert_same_table(read_rows(out), single)
 
 
+def test_submit_refuses_more_shards_than_items_before_submitting(config_file, tmp_path):
+    from diffedit.research.command import run_shard
+    from diffedit.research.submit import submit_sweep
+    with pytest.raises(ParameterError, match=r"splits into at most \d+ shards .* not 1000 \(--submit\)"):
+        submit_sweep(config_file, tmp_path / "submitted", 1000, run_shard, cluster="local")
+    assert not (tmp_path / "submitted").exists()
+
+
 def test_the_readme_and_the_slurm_script_say_how():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Running on many GPUs or a cluster", 1)[1].split("\n## ", 1)[0]

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from diffedit.errors import DiffEditError, ParameterError
 from diffedit.research.merge import MergeResult, merge_shards
-from diffedit.research.plan import SweepConfig
-from diffedit.research.sweep import check_trust
+from diffedit.research.plan import SweepConfig, load_items
+from diffedit.research.shards import Shard
+from diffedit.research.sweep import check_shard_count, check_trust
 
 
 class SubmitUnavailableError(DiffEditError, ImportError):
@@ -44,7 +45,9 @@ def submit_sweep(config: dict | str | Path, out: Path, count: int, task: Callabl
     shard in the job (research/command.run_shard). A failed task raises its error here."""
     if count < 1:
         raise ParameterError(f"--submit needs the number of shards, at least 1; got {count}.")
-    check_trust(SweepConfig.parse(config), trust_config_code)   # refused here, not in every task
+    parsed = SweepConfig.parse(config)
+    check_trust(parsed, trust_config_code)   # refused here, not in every task
+    check_shard_count(Shard(0, count, "--submit"), len(load_items(parsed.items)))
     try:
         import submitit
     except ImportError:
