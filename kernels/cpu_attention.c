@@ -23,7 +23,7 @@
    Built with -fopenmp after torch is loaded, the library shares torch's OpenMP runtime (libgomp.so.1),
    so its threads are the ones torch's own ops just used, not new ones competing with them for the
    cores. Every output element is computed by one thread in one fixed order, so the result does not
-   depend on the thread count. Returns 0, or -1 when a buffer cannot be allocated.
+   depend on the thread count. Returns 0, -1 when a buffer cannot be allocated, -2 for impossible sizes.
 
    Without AVX512-BF16 (or with -DPORTABLE_ONLY) the same steps compile as plain C: correct, slow. */
 
@@ -250,6 +250,7 @@ const char *kernel_path(void) { return KERNEL_PATH; }
 int attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out,
                    long q_sb, long q_sn, long k_sb, long k_sn, long v_sb, long v_sn, long o_sb, long o_sn,
                    int B, int H, int Nq, int Nk, int D, float scale, int threads) {
+    if (B < 0 || H < 1 || Nq < 0 || Nk < 1 || D < 1) return -2;   /* the wrapper refuses these first */
     Job job = {q, k, v, out, q_sb, q_sn, k_sb, k_sn, v_sb, v_sn, o_sb, o_sn, B, H, Nq, Nk, D,
                (D + 1) / 2, (Nk + KEYS - 1) / KEYS * KEYS, (D + 15) / 16 * 16, scale, NULL, NULL};
     const long heads = (long)B * H, items = heads * ((Nq + ROWS - 1) / ROWS);

@@ -33,6 +33,7 @@ SOURCES = {torch.bfloat16: Path(__file__).with_name("cpu_attention.c"),
 FAST_PATHS = {torch.bfloat16: "avx512_bf16", torch.float32: "avx2_fma"}  # kernel_path() of each fast build
 ENTRIES = {torch.bfloat16: "attention_bf16", torch.float32: "attention_fp32"}
 PROFILER_NAME = "diffedit::cpu_attention"
+MAX_SIZE = 2 ** 26   # tokens, channels, batch: the kernels' int index products (e.g. key x 16) stay below 2^31
 
 def build(extra_flags: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel for `dtype`; `extra_flags` e.g.
@@ -95,6 +96,11 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, 
         raise ValueError(f"{q.shape[2]} channels do not split into {heads} heads")
     if k.shape[1] == 0:
         raise ValueError("attention over zero keys is undefined")
+    if q.shape[2] == 0:
+        raise ValueError("q, k and v have no channels (head dimension 0)")
+    if max(q.shape[0], q.shape[1], k.shape[1], q.shape[2], heads) > MAX_SIZE:
+        raise ValueError(f"the CPU attention kernel takes at most {MAX_SIZE:,} tokens, channels or batch rows "
+                         f"(its int indices), got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False,
@@ -116,6 +122,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             batch, heads, queries, k.shape[1], head_dim, head_dim ** -0.5, torch.get_num_threads())
+    if status == -2:
+        raise ValueError(f"the CPU attention kernel refused the sizes q {tuple(q.shape)}, k {tuple(k.shape)}")
     if status != 0:
         raise MemoryError("the CPU attention kernel could not allocate its buffers")
     return out

@@ -31,7 +31,8 @@
    Threads: OpenMP, static schedule over the heads (packing) and the work items (b, h, row block);
    loaded after torch, the library shares torch's OpenMP runtime and threads (cpu_attention.c says
    why that matters). Every output element is computed by one thread in one fixed order, so the
-   result does not depend on the thread count. Returns 0, or -1 when a buffer cannot be allocated.
+   result does not depend on the thread count. Returns 0, -1 when a buffer cannot be allocated, -2 for
+   impossible sizes.
 
    Without AVX2 and FMA (or with -DPORTABLE_ONLY) the same steps compile as plain C: correct, slow. */
 
@@ -256,6 +257,7 @@ const char *kernel_path(void) { return KERNEL_PATH; }
 int attention_fp32(const float *q, const float *k, const float *v, float *out,
                    long q_sb, long q_sn, long k_sb, long k_sn, long v_sb, long v_sn, long o_sb, long o_sn,
                    int B, int H, int Nq, int Nk, int D, float scale, int threads) {
+    if (B < 0 || H < 1 || Nq < 0 || Nk < 1 || D < 1) return -2;   /* the wrapper refuses these first */
     Job job = {q, k, v, out, q_sb, q_sn, k_sb, k_sn, v_sb, v_sn, o_sb, o_sn, B, H, Nq, Nk, D,
                (Nk + TILE - 1) / TILE * TILE, (D + LANES - 1) / LANES * LANES, scale, NULL, NULL};
     const long heads = (long)B * H, items = heads * ((Nq + ROWS - 1) / ROWS);

@@ -26,6 +26,7 @@ from . import c_build
 SOURCE = Path(__file__).with_name("cpu_linear_fp32.c")
 PANEL = 16            # output columns per packed panel (COLS in the C file)
 PROFILER_NAME = "diffedit::cpu_linear"
+MAX_SIZE = 2 ** 30     # rows and features: the kernel's int sizes (and M + a block) stay below 2^31
 
 def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel; `extra_flags` e.g. ("-DPORTABLE_ONLY",)."""
@@ -82,8 +83,10 @@ def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = No
     """x (..., K) w^T + b for fp32 CPU tensors, w given as `pack(w)`. `built`: a library from
     `build` instead of this process's `library()`; `profiler_name`: what torch.profiler calls the
     C call (a 1x1 convolution's caller names it so)."""
-    if x.dtype != torch.float32 or panels.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"the CPU linear kernel takes fp32 CPU tensors, got {x.dtype} on {x.device.type}")
+    tensors = (x, panels) if bias is None else (x, panels, bias)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("the CPU linear kernel takes fp32 CPU tensors, got "
+                         + ", ".join(f"{t.dtype} on {t.device.type}" for t in tensors))
     if panels.ndim != 3 or panels.shape[2] != PANEL or not panels.is_contiguous():
         raise ValueError(f"the weight must come from pack(): contiguous (N / {PANEL}, K, {PANEL}), "
                          f"got {tuple(panels.shape)}")
@@ -95,16 +98,19 @@ def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"the bias must be a contiguous fp32 vector of {out_features}")
     if torch.is_grad_enabled() and (x.requires_grad or panels.requires_grad):
         raise ValueError("the CPU linear kernel has no backward pass; it serves inference only")
+    if max(math.prod(x.shape[:-1]), in_features, out_features) > MAX_SIZE:   # before any copy of x
+        raise ValueError(f"the CPU linear kernel takes at most {MAX_SIZE:,} rows or features (its int sizes), "
+                         f"got {math.prod(x.shape[:-1])} x {in_features} -> {out_features}")
     rows = x.reshape(math.prod(x.shape[:-1]), in_features)  # (M, K)
     if rows.stride(-1) != 1 or rows.stride(0) < in_features:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    if rows.shape[0] and in_features:
+    if rows.shape[0] and in_features and out_features:
         with torch.profiler.record_function(profiler_name):  # so that torch.profiler sees the C call
             (built or library()).linear_fp32(
                 rows.data_ptr(), rows.stride(0), panels.data_ptr(), 0 if bias is None else bias.data_ptr(),
                 out.data_ptr(), out.stride(0), rows.shape[0], in_features, out_features, torch.get_num_threads())
-    elif bias is not None:  # K = 0: only the bias
+    elif bias is not None:  # K = 0 (or nothing to compute): only the bias
         out.copy_(bias)
     else:
         out.zero_()

@@ -148,6 +148,8 @@ static void work_item(const float *x, long x_sm, const float *packed, const floa
 
 int linear_fp32(const float *x, long x_sm, const float *packed, const float *bias, float *y, long y_sm,
                 int M, int K, int N, int threads) {
+    if (M < 0 || K < 0 || N < 0) return -2;
+    if (M == 0 || K == 0 || N == 0) return 0;   /* nothing to sum (the caller fills the bias) */
     /* blocks of equal size (rows: a multiple of ROWS), so that the threads get equal shares */
     int panels = (N + COLS - 1) / COLS, chunks = (K + KC - 1) / KC;
     /* column blocks as wide as WBLOCK bytes of w allow; narrower where that leaves under MIN_ITEMS items */
