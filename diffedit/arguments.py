@@ -8,8 +8,8 @@ names the parameter and says what it must be:
     @door  def generate_mask(self, image, source_prompt, ...)   # = settings.checked + the checks below
 
 Also here: the prompt lists (`prompts`, `check_prompt_pairs`) and the finiteness check of the
-numbers the pipeline produces (`check_finite`), which tells an input's NaN/inf (guidance, mask,
-weights) from an overflow of a low precision.
+numbers the pipeline produces (`check_finite`, and the step callbacks that apply it), which tells an
+input's NaN/inf (guidance, mask, weights) from an overflow of a low precision.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import functools
 import inspect
 import os
 import unicodedata
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from PIL import Image
 from diffedit.errors import ImageInputError, NumericalError, ParameterError, PromptError
 from diffedit.results import EncodedImage, Inversion, MaskResult
 from diffedit.settings import check_arguments, parameter_settings
+
+if TYPE_CHECKING:
+    from diffedit.method import StepTrace
 
 MAX_RESOLUTION = 8192  # the working size's longest side; above, the VAE alone needs tens of GB
 
@@ -194,3 +197,21 @@ def check_finite(x: torch.Tensor, where: str, dtype: torch.dtype) -> None:
                              "scale, mask, image, noise) and in the model's weights.")
     raise NumericalError(f"NaN or inf appeared in {where}; the model overflowed in this precision: "
                          "use dtype='bf16' or 'fp32'.")
+
+
+def finite_inversion_callback(dtype: torch.dtype, user: Callable | None) -> Callable:
+    """The inversion's per-step callback: every latent checked finite, then the user's callback."""
+    def check(i: int, t: int, x: torch.Tensor) -> None:
+        check_finite(x, f"the inversion latents at step {i + 1} (t={int(t)})", dtype)
+        if user is not None:
+            user(i, t, x)
+    return check
+
+
+def finite_decode_callback(dtype: torch.dtype, user: Callable | None) -> Callable:
+    """The decoding's per-step callback: every step's latent checked finite, then the user's callback."""
+    def check(trace: StepTrace) -> None:
+        check_finite(trace.y_t, f"the decoding latents at step {trace.index + 1} (t={trace.t})", dtype)
+        if user is not None:
+            user(trace)
+    return check

@@ -175,7 +175,8 @@ def run_edit(args: argparse.Namespace) -> int:
     from PIL import ImageOps
 
     from diffedit.io.files import user_path
-    from diffedit.io.images import load_image, save_images
+    from diffedit.io.images import load_image
+    from diffedit.io.saving import save_images
     from diffedit.io.pictures import (
         mask_picture,
         overlay_mask,
@@ -243,7 +244,8 @@ def run_mask(args: argparse.Namespace) -> int:
     import torch
 
     from diffedit.io.files import user_path
-    from diffedit.io.images import load_image, save_image
+    from diffedit.io.images import load_image
+    from diffedit.io.saving import save_image
     from diffedit.io.progress import UNetProgress
     source, target = check_prompts(args.source, args.target)
     image_path = user_path(args.image, ImageInputError)

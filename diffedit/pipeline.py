@@ -17,14 +17,21 @@ import hashlib
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from diffedit import method
-from diffedit.arguments import check_finite, check_prompt_pairs, door, prompts
+from diffedit.arguments import (
+    check_finite,
+    check_prompt_pairs,
+    door,
+    finite_decode_callback,
+    finite_inversion_callback,
+    prompts,
+)
 from diffedit.checkpoints.loading import StableDiffusion, load_model
 from diffedit.devices import parse_device, parse_dtype
 from diffedit.errors import ModelLoadError, ParameterError
@@ -35,6 +42,7 @@ from diffedit.models import host_memory, packed_conv, packed_linear
 from diffedit.models.vae import decode_sliced, encode_sliced
 from diffedit.models.unet import text_projections_reused
 from diffedit.results import (
+    Counters,
     DiffEditResult,
     EditResult,
     EncodedImage,
@@ -50,18 +58,6 @@ PER_SAMPLE_UP_TO = 64  # MaskResult.per_sample is kept up to this n unless asked
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "weights" / "shapes-64"
 ImageInput = "str | os.PathLike | PIL.Image.Image | torch.Tensor | EncodedImage"
-
-
-@dataclass
-class Counters:
-    """Work done since the last reset: what the paper's cost accounting counts."""
-    unet_samples: int = 0     # rows of every UNet batch
-    vae_encodes: int = 0      # images through the VAE encoder
-    vae_decodes: int = 0      # images through the VAE decoder
-    text_encodes: int = 0     # prompts through the text encoder (cache misses)
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class DiffEditPipeline:
@@ -294,7 +290,7 @@ class DiffEditPipeline:
         with text_projections_reused(self.unet):
             latents = method.ddim_invert(self.predict_noise, self.scheduler, encoded.latents, pairs,
                                          self.encode_prompt(texts), uncond, guidance_scale,
-                                         callback=_finite_callback(self.dtype, callback))
+                                         callback=finite_inversion_callback(self.dtype, callback))
         return Inversion(latents=torch.stack(latents, dim=1), timesteps=[int(t) for _, t in pairs],
                          num_inference_steps=num_inference_steps, strength=strength, prompt=texts,
                          guidance_scale=guidance_scale, negative_prompt=negatives if uncond is not None else None,
@@ -352,7 +348,7 @@ class DiffEditPipeline:
         with text_projections_reused(self.unet):
             y = method.masked_ddim_decode(self.predict_noise, self.scheduler, y, pairs, self.encode_prompt(texts),
                                           uncond, guidance_scale, latent_mask, reference, x0, blend, eta, generator,
-                                          callback=_finite_trace(self.dtype, callback))
+                                          callback=finite_decode_callback(self.dtype, callback))
         pixels = self.decode_latents(y)
         images = [restore(pixels[b], g) for b, g in enumerate(encoded.geometry)]
         settings = dict(strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, blend=blend,
@@ -397,23 +393,6 @@ class DiffEditPipeline:
 
 
 # ---------------------------------------------------------------------- helpers
-
-def _finite_callback(dtype: torch.dtype, user: Callable | None) -> Callable:
-    """The inversion's per-step callback: every latent checked finite, then the user's callback."""
-    def check(i: int, t: int, x: torch.Tensor) -> None:
-        check_finite(x, f"the inversion latents at step {i + 1} (t={int(t)})", dtype)
-        if user is not None:
-            user(i, t, x)
-    return check
-
-
-def _finite_trace(dtype: torch.dtype, user: Callable | None) -> Callable:
-    def check(trace: method.StepTrace) -> None:
-        check_finite(trace.y_t, f"the decoding latents at step {trace.index + 1} (t={trace.t})", dtype)
-        if user is not None:
-            user(trace)
-    return check
-
 
 def _gen_device(generator: torch.Generator | None) -> str | torch.device:
     return generator.device if generator is not None else "cpu"

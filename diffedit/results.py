@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from PIL import Image
@@ -87,3 +87,15 @@ class DiffEditResult:
     inversion: Inversion | None     # None: the "w/o encoding" and SDEdit ablations
     edit: EditResult
     counters: dict                  # UNet samples, VAE encodes/decodes of this call
+
+
+@dataclass
+class Counters:
+    """Work done since the last reset: what the paper's cost accounting counts."""
+    unet_samples: int = 0     # rows of every UNet batch
+    vae_encodes: int = 0      # images through the VAE encoder
+    vae_decodes: int = 0      # images through the VAE decoder
+    text_encodes: int = 0     # prompts through the text encoder (cache misses)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

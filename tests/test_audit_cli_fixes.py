@@ -16,7 +16,8 @@ from PIL import Image
 import diffedit.io.files as files
 from diffedit import cli
 from diffedit.errors import ImageInputError, OutputFileError
-from diffedit.io.images import DEFAULT_MAX_PIXELS, load_image, save_image
+from diffedit.io.images import DEFAULT_MAX_PIXELS, load_image
+from diffedit.io.saving import save_image
 from diffedit.io.pictures import side_by_side
 from reference_models import run_cli, snapshot
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import diffedit.io.images as image_io
+import diffedit.io.saving as image_io
 from diffedit import cli
 from diffedit.io.files import is_temp_file
 from reference_models import assert_png, noise_image, run_cli, snapshot
@@ -246,12 +246,12 @@ def test_progress_counts_every_unet_sample(workdir, tiny_model_folder, capsys, m
 
 # ---------------------------------------------------------------------- interrupted runs
 
-# The CLI with image_io.atomic_write made slow: each output is written in 20 flushed chunks
+# The CLI with image_io.atomic_write (io/saving.py) made slow: each output is written in 20 flushed chunks
 # `delay` seconds apart, announced on stdout, so a signal can land in the middle of a write.
 SLOW_WRITES = textwrap.dedent("""
     import io, sys, time
     from pathlib import Path
-    import diffedit.io.images as image_io
+    import diffedit.io.saving as image_io
     from diffedit.cli import main
 
     delay, argv = float(sys.argv[1]), sys.argv[2:]

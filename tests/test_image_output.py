@@ -21,12 +21,9 @@ from PIL import Image
 
 import diffedit.io.images as image_io
 from diffedit.errors import OutputFileError, ParameterError
-from diffedit.io.images import (
-    Geometry,
-    atomic_write,
-    atomic_write_text,
-    save_image,
-)
+from diffedit.io.files import atomic_write, atomic_write_text
+from diffedit.io.images import Geometry
+from diffedit.io.saving import save_image
 from diffedit.io.pictures import mask_to_pil, overlay_mask, side_by_side
 from reference_models import noise_image, snapshot
 
@@ -264,7 +261,7 @@ def test_stale_temps_of_dead_processes_cleaned(tmp_path):
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    from diffedit.io.images import atomic_write
+    from diffedit.io.files import atomic_write
 
     def write(f):
         chunk = b"x" * (1 << 20)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import diffedit.io.images as image_io
+import diffedit.io.saving as image_io
 import diffedit.pipeline as pipeline_module
 from diffedit import errors
 from diffedit.pipeline import DiffEditPipeline

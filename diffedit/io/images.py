@@ -1,5 +1,5 @@
-"""Images in and out: loading that refuses bad files with one clear sentence, the geometry that
-brings an image to the model's multiple-of-8 size and back, and atomic file outputs (masks and
+"""Images in: loading that refuses bad files with one clear sentence, and the geometry that brings
+an image to the model's multiple-of-8 size and back (written atomically by saving.py; masks and
 panels as pictures: pictures.py).
 
 Inputs (`load_image` for paths, `as_pil` for anything) always become RGB PIL images:
@@ -17,10 +17,6 @@ Arrays and tensors (`as_pil`):
           otherwise as [0, 1]; pass value_range=(-1, 1) to say it explicitly (an all-bright
           [-1, 1] image would otherwise be read as [0, 1]).
 
-Outputs (`save_image`) are written atomically by files.atomic_write (temporary file, fsync,
-rename; never the input, an existing file only with overwrite=True); an image larger than its
-format holds (files.MAX_SIDE) is refused before anything is written. `atomic_write` and
-`atomic_write_text` are re-exported here.
 """
 
 from __future__ import annotations
@@ -32,24 +28,14 @@ import warnings
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffedit.errors import ImageInputError, OutputFileError, ParameterError
-from diffedit.io.files import (  # noqa: F401 (re-exported)
-    FORMAT_NAMES,
-    IMAGE_FORMATS,
-    _reason,
-    atomic_write,
-    atomic_write_text,
-    check_image_size,
-    image_format,
-    user_path,
-    write_all_or_none,
-)
+from diffedit.errors import ImageInputError, ParameterError
+from diffedit.io.files import _reason, user_path
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -362,48 +348,3 @@ def tensor_to_pil(tensor: torch.Tensor, value_range: tuple[float, float] | None 
     `value_range` ([-1, 1], the model's, by default; None: the auto rule of `as_pil`)."""
     a = _tensor_to_uint8(tensor, value_range)
     return to_rgb(Image.fromarray(a)) if a.ndim == 3 else Image.fromarray(a, "L")
-
-
-# ---------------------------------------------------------------------- atomic outputs
-
-
-def save_image(image: Any, path: str | os.PathLike, *, overwrite: bool = False,
-               protected: Iterable[str | os.PathLike] = (), quality: int = 95) -> Path:
-    """Write an image atomically (files.atomic_write); the format comes from the suffix (.png,
-    .jpg/.jpeg, .webp). PIL images keep their mode where the format allows (masks stay 8-bit gray)."""
-    return save_images({path: image}, overwrite=overwrite, protected=protected, quality=quality)[0]
-
-
-def save_images(images: dict[str | os.PathLike, Any], *, overwrite: bool = False,
-                protected: Iterable[str | os.PathLike] = (), quality: int = 95) -> list[Path]:
-    """Write several images, all or none (files.write_all_or_none): a failure on the last one
-    leaves none of them behind, and files they replaced (overwrite) are put back."""
-    protected = list(protected)
-
-    def writer(path, image):
-        encode = _image_writer(image, path, quality)
-        return lambda: atomic_write(path, encode, overwrite=overwrite, protected=protected)
-    return write_all_or_none([(path, writer(path, image)) for path, image in images.items()], overwrite=overwrite)
-
-
-def _image_writer(image: Any, path: str | os.PathLike, quality: int):
-    """The function that encodes `image` into an open file; the format's size limit is checked now."""
-    fmt = image_format(Path(path))
-    picture = image if isinstance(image, Image.Image) else as_pil(image, min_side=1)
-    check_image_size(path, picture.size)
-    keep = {"PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"), "JPEG": ("L", "RGB"), "WEBP": ("RGB", "RGBA")}
-    if picture.mode not in keep[fmt]:
-        webp_alpha = fmt == "WEBP" and picture.mode in ALPHA_MODES
-        picture = picture.convert("RGBA") if webp_alpha else to_rgb(picture, warn=False)
-    options = {"PNG": {}, "JPEG": {"quality": quality}, "WEBP": {"quality": quality}}[fmt]
-
-    def encode(f) -> None:
-        try:
-            picture.save(f, format=fmt, **options)
-        except (ValueError, OSError) as e:
-            if isinstance(e, OSError) and e.errno is not None:
-                raise  # the file system's error (disk full, ...): atomic_write says so
-            other = "a .png name" if fmt != "PNG" else "a .webp or .jpg name"
-            raise OutputFileError(f"the {FORMAT_NAMES[fmt]} encoder could not write {path} ({_reason(e)}); "
-                                  f"give it {other}.") from None
-    return encode

@@ -11,10 +11,8 @@ imported only when a figure is drawn; figures overwrite their file by default (r
 
 from __future__ import annotations
 
-import json
 import os
 import textwrap
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +21,20 @@ from PIL import Image
 
 from diffedit.errors import DiffEditError, ParameterError
 from diffedit.io.files import user_path
-from diffedit.io.images import atomic_write, load_image
+from diffedit.io.files import atomic_write
 from diffedit.io.pictures import mask_to_pil, overlay_mask
-from diffedit.research.plan import AXES
-from diffedit.research.table import CSV_NAME, ITEMS_NAME, read_json, read_rows, table_path
+from diffedit.research.table import CSV_NAME, read_rows, table_path
+from diffedit.research.sweep_folder import (
+    default_out,
+    item_ids,
+    load_sweep,
+    open_picture,
+    saved_mask_maps,
+    select,
+    sorted_values,
+    unique_row,
+    varying_axes,
+)
 
 DPI = 100
 NO_PER_SAMPLE = ("this mask has no per-sample maps (they are kept up to 64 noise samples); compute it with "
@@ -97,84 +105,6 @@ def _title(fig, text: str, col: int, cell: int, width: int, height: int) -> None
     fig.text((col + 0.5) * cell / width, 1 - HEADER / 2 / height, text, ha="center", va="center", fontsize=8)
 
 
-# ---------------------------------------------------------------------- reading a sweep
-
-def _load(sweep_dir: str | os.PathLike) -> tuple[Path, list[dict], list[dict]]:
-    folder = user_path(sweep_dir, ParameterError)
-    rows = read_rows(folder)
-    if not rows:
-        raise ParameterError(f"{folder} holds no sweep results (results.jsonl); run `diffedit sweep` there first.")
-    items = read_json(folder / ITEMS_NAME, "item list") if (folder / ITEMS_NAME).is_file() else []
-    if not isinstance(items, list) or not all(isinstance(i, dict) and "id" in i for i in items):
-        raise ParameterError(f"{folder / ITEMS_NAME} is not a list of items; run the sweep again to rewrite it.")
-    return folder, rows, items
-
-
-def _where(rows: list[dict], where: dict | None) -> list[dict]:
-    if not where:
-        return rows
-    unknown = [k for k in where if not any(k in r for r in rows)]
-    if unknown:
-        raise ParameterError(f"`where` names {unknown}, which are not columns of the sweep; use axes like "
-                             f"{', '.join(AXES)}.")
-    return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
-
-
-def varying_axes(rows: list[dict]) -> dict[str, list]:
-    """Grid axes taking more than one value in `rows`, with their values in order of appearance."""
-    values = {axis: list(dict.fromkeys(r[axis] for r in rows if axis in r)) for axis in AXES}
-    return {axis: v for axis, v in values.items() if len(v) > 1}
-
-
-def _unique(rows: list[dict], field: str, what: str) -> dict:
-    """The one row of a cell (all rows of the cell must agree on `field`)."""
-    distinct = {json.dumps(r.get(field)) for r in rows}
-    if len(distinct) > 1:
-        axes = ", ".join(varying_axes(rows)) or "nothing"
-        raise ParameterError(f"{len(distinct)} different results fall in the cell of {what} ({axes} vary); "
-                             "fix those axes with where={axis: value}.")
-    return rows[0]
-
-
-def _sorted_values(values) -> list:
-    values = list(dict.fromkeys(values))
-    try:
-        return sorted(values)
-    except TypeError:
-        return sorted(values, key=str)
-
-
-def _item_ids(rows: list[dict], items: list[dict], max_items: int | None) -> list[str]:
-    present = dict.fromkeys(r["item"] for r in rows)
-    order = [it["id"] for it in items if it["id"] in present] or list(present)
-    return order[:max_items] if max_items else order
-
-
-def _open(folder: Path, relative: str | None, what: str) -> Image.Image | None:
-    """The picture at a path read from the sweep's files (refused if it leaves `folder`), None if absent."""
-    if not relative:
-        return None
-    path = table_path(folder, relative, what)
-    return load_image(path) if path.is_file() else None
-
-
-def _mask_maps(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a saved mask (.npz: soft, difference and maybe per_sample), without pickles."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            maps = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        maps = {}
-    if not {"soft", "difference"} <= set(maps):
-        raise ParameterError(f"{path} is not a saved mask (.npz with soft and difference maps); run the sweep again "
-                             "to rewrite it.")
-    return maps
-
-
-def _default_out(folder: Path, name: str) -> Path:
-    return folder / "figures" / name
-
-
 # ---------------------------------------------------------------------- image grid
 
 def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, out=None, cell: int = 128,
@@ -183,13 +113,13 @@ def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, o
     value of `column`. Size:
     ((values + 1) * cell) x (HEADER + items * cell) pixels. `annotate` names a metric printed on
     each edit (e.g. "bg_psnr_gt"). Other axes that vary must be fixed by `where`."""
-    folder, rows, items = _load(sweep_dir)
-    rows = [r for r in _where(rows, where) if r.get("image") and column in r]
+    folder, rows, items = load_sweep(sweep_dir)
+    rows = [r for r in select(rows, where) if r.get("image") and column in r]
     if not rows:
         raise ParameterError(f"no saved edit has a {column!r} setting (after `where`); check the column name "
                              "and that the sweep saved images.")
-    values = _sorted_values(r[column] for r in rows)
-    ids = _item_ids(rows, items, max_items)
+    values = sorted_values(r[column] for r in rows)
+    ids = item_ids(rows, items, max_items)
     info = {it["id"]: it for it in items}
     width, height = (len(values) + 1) * cell, HEADER + len(ids) * cell
     fig = _figure(width, height)
@@ -197,7 +127,7 @@ def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, o
     for c, v in enumerate(values, start=1):
         _title(fig, f"{column} = {v}", c, cell, width, height)
     for i, item in enumerate(ids):
-        picture = _open(folder, info.get(item, {}).get("input"), f"the input of item {item}")
+        picture = open_picture(folder, info.get(item, {}).get("input"), f"the input of item {item}")
         ax = _panel(fig, 0, i, cell, width, height)
         if picture is not None:
             ax.imshow(picture)
@@ -209,13 +139,13 @@ def image_grid(sweep_dir, column: str = "strength", where: dict | None = None, o
             ax = _panel(fig, c, i, cell, width, height)
             if not cell_rows:
                 continue
-            row = _unique(cell_rows, "image", f"item {item}, {column} = {v}")
-            ax.imshow(_open(folder, row["image"], f"the edit of item {item}, {column} = {v}"))
+            row = unique_row(cell_rows, "image", f"item {item}, {column} = {v}")
+            ax.imshow(open_picture(folder, row["image"], f"the edit of item {item}, {column} = {v}"))
             if annotate and row.get(annotate) is not None:
                 value = row[annotate]
                 text = f"{annotate} {value:.3g}" if isinstance(value, float) else f"{annotate} {value}"
                 ax.text(2, 2, text, fontsize=6, va="top", color="white", backgroundcolor="black")
-    return _save(fig, Path(out) if out else _default_out(folder, f"grid-{column}.png"), overwrite)
+    return _save(fig, Path(out) if out else default_out(folder, f"grid-{column}.png"), overwrite)
 
 
 def row_label(item: dict, width: int, lines: int = 2) -> str:
@@ -237,12 +167,12 @@ def mask_overlays(sweep_dir, where: dict | None = None, out=None, cell: int = 12
     edit (of the first run with that mask). Size: (5 * cell) x (HEADER + items * cell) pixels.
     The mask settings (threshold, samples, noise strength, steps, seed) that vary must be fixed
     by `where`."""
-    folder, rows, items = _load(sweep_dir)
-    rows = [r for r in _where(rows, where) if r.get("mask_file")]
+    folder, rows, items = load_sweep(sweep_dir)
+    rows = [r for r in select(rows, where) if r.get("mask_file")]
     if not rows:
         raise ParameterError(f"no run of {folder} saved a mask (ablations no_mask and sdedit have none); "
                              "sweep with ablation 'none' or 'no_encode' and save_images true.")
-    ids = _item_ids(rows, items, max_items)
+    ids = item_ids(rows, items, max_items)
     info = {it["id"]: it for it in items}
     width, height = 5 * cell, HEADER + len(ids) * cell
     fig = _figure(width, height)
@@ -250,17 +180,17 @@ def mask_overlays(sweep_dir, where: dict | None = None, out=None, cell: int = 12
         _title(fig, title, c, cell, width, height)
     for i, item in enumerate(ids):
         item_rows = [r for r in rows if r["item"] == item]
-        mask_row = _unique([{"m": (r["mask_file"], r["threshold"]), **r} for r in item_rows], "m", f"item {item}")
-        picture = _open(folder, info.get(item, {}).get("input"), f"the input of item {item}")
-        soft = _mask_maps(table_path(folder, mask_row["mask_file"], f"the mask file of item {item}"))["soft"]
+        mask_row = unique_row([{"m": (r["mask_file"], r["threshold"]), **r} for r in item_rows], "m", f"item {item}")
+        picture = open_picture(folder, info.get(item, {}).get("input"), f"the input of item {item}")
+        soft = saved_mask_maps(table_path(folder, mask_row["mask_file"], f"the mask file of item {item}"))["soft"]
         size = picture.size if picture is not None else tuple(info.get(item, {}).get("size", soft.shape[::-1]))
         mask = mask_to_pil(soft, size, threshold=mask_row["threshold"])
         panels = [picture, np.asarray(mask_to_pil(soft, size)), None, None, None]
         if picture is not None:
             panels[2] = overlay_mask(picture, mask)
-            gt = _open(folder, info.get(item, {}).get("gt_mask"), f"the ground-truth mask of item {item}")
+            gt = open_picture(folder, info.get(item, {}).get("gt_mask"), f"the ground-truth mask of item {item}")
             panels[3] = overlay_mask(picture, gt.convert("L"), colour=(0, 200, 0)) if gt is not None else None
-        panels[4] = _open(folder, mask_row.get("image"), f"the edit of item {item}")
+        panels[4] = open_picture(folder, mask_row.get("image"), f"the edit of item {item}")
         for c, p in enumerate(panels):
             ax = _panel(fig, c, i, cell, width, height)
             if p is not None:
@@ -268,7 +198,7 @@ def mask_overlays(sweep_dir, where: dict | None = None, out=None, cell: int = 12
         label = f"{item}  thr {mask_row['threshold']}  (edit: r {mask_row['strength']}, {mask_row['ablation']})"
         fig.text(2 / width, 1 - (HEADER + i * cell + 10) / height, label,
                  fontsize=6, color="white", backgroundcolor="black")
-    return _save(fig, Path(out) if out else _default_out(folder, "masks.png"), overwrite)
+    return _save(fig, Path(out) if out else default_out(folder, "masks.png"), overwrite)
 
 
 def difference_maps(source: Any, out=None, item: str | None = None, where: dict | None = None,
@@ -312,22 +242,22 @@ def _mask_arrays(source, item, where, threshold, image, index):
     path = user_path(source, ParameterError)
     default = None
     if path.is_dir():
-        folder, rows, items = _load(path)
-        rows = [r for r in _where(rows, where) if r.get("mask_file") and (item is None or r["item"] == item)]
+        folder, rows, items = load_sweep(path)
+        rows = [r for r in select(rows, where) if r.get("mask_file") and (item is None or r["item"] == item)]
         if item is None or not rows:
             names = ", ".join(dict.fromkeys(r["item"] for r in read_rows(folder)))
             raise ParameterError(f"name the `item` whose masks to draw (one of {names}); "
                                  "only runs with a mask have difference maps.")
-        row = _unique([{"m": r["mask_file"], **r} for r in rows], "m", f"item {item}")
+        row = unique_row([{"m": r["mask_file"], **r} for r in rows], "m", f"item {item}")
         threshold = row["threshold"] if threshold is None else threshold
         if image is None:
             entry = next((it for it in items if it["id"] == item), {})
-            image = _open(folder, entry.get("input"), f"the input of item {item}")
+            image = open_picture(folder, entry.get("input"), f"the input of item {item}")
         path = table_path(folder, row["mask_file"], f"the mask file of item {item}")
-        default = _default_out(folder, f"differences-{item}.png")
+        default = default_out(folder, f"differences-{item}.png")
     if not path.is_file():
         raise ParameterError(f"{path} is neither a sweep folder nor a saved mask (.npz); check the path.")
-    data = _mask_maps(path)
+    data = saved_mask_maps(path)
     if "per_sample" not in data:
         raise ParameterError(NO_PER_SAMPLE)
     return data["per_sample"], data["difference"], data["soft"], 0.5 if threshold is None else threshold, image, default
@@ -339,7 +269,7 @@ def tradeoff_table(rows: list[dict], x: str, y: str, along: str = "strength", by
                    where: dict | None = None) -> list[dict]:
     """Means of metrics x and y over the rows of each (by value, along value), over rows where
     both are defined (booleans count as 0/1): [{group, along, x, y, count}], sorted by along."""
-    rows = [r for r in _where(rows, where) if r.get(x) is not None and r.get(y) is not None and along in r]
+    rows = [r for r in select(rows, where) if r.get(x) is not None and r.get(y) is not None and along in r]
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r.get(by) if by else None, r[along]), []).append(r)
@@ -353,13 +283,13 @@ def tradeoff_curve(sweep_dir, x: str = "success", y: str = "bg_psnr_gt", along: 
                    overwrite: bool = True) -> Path:
     """Mean metric y against mean metric x, one point per value of `along` (labelled), one curve per value of
     `by` (e.g. "ablation"). Size: `size` pixels. Other axes that vary: fix them by `where`, or they are averaged."""
-    folder, rows, _ = _load(sweep_dir)
+    folder, rows, _ = load_sweep(sweep_dir)
     table = tradeoff_table(rows, x, y, along, by, where)
     if not table:
         raise ParameterError(f"no run has both {x!r} and {y!r}; pick metrics that are columns of {folder / CSV_NAME}.")
     table = [{**t, "group": f"{by} = {t['group']}" if by else None} for t in table]
     title = f"{short_label(y)} against {short_label(x)} along {along}"
-    return draw_tradeoff(table, x, y, Path(out) if out else _default_out(folder, f"tradeoff-{y}-vs-{x}.png"), title,
+    return draw_tradeoff(table, x, y, Path(out) if out else default_out(folder, f"tradeoff-{y}-vs-{x}.png"), title,
                          along, size=size, overwrite=overwrite)
 
 
@@ -396,7 +326,7 @@ def sweep_figures(sweep_dir) -> list[Path]:
     """The figures `diffedit sweep --figures` draws: an image grid along the first swept axis (in
     GRID_PREFERENCE order), the other axes at their first value; the masks; and, when r is swept,
     the trade-off of background PSNR against success (or mask IoU)."""
-    folder, rows, _ = _load(sweep_dir)
+    folder, rows, _ = load_sweep(sweep_dir)
     varying = varying_axes(rows)
     paths = []
     column = next((a for a in GRID_PREFERENCE if a in varying), "strength")

@@ -73,7 +73,7 @@ from diffedit.checkpoints.loading import model_source
 from diffedit.devices import PrecisionWarning, parse_device, parse_dtype
 from diffedit.errors import OutputFileError, ParameterError
 from diffedit.io.files import atomic_write, atomic_write_text, user_path
-from diffedit.io.images import save_image
+from diffedit.io.saving import save_image
 from diffedit.io.pictures import mask_to_pil
 from diffedit.io.progress import progress_bar
 from diffedit.research import metrics as M

@@ -38,7 +38,7 @@ from PIL import Image
 
 from diffedit.errors import OutputFileError, ParameterError
 from diffedit.io.files import user_path
-from diffedit.io.images import save_image
+from diffedit.io.saving import save_image
 from diffedit.research.benchmarks import NAMES, read_benchmark
 from diffedit.research.benchmarks.summary import METHODS, write_summary
 from diffedit.research.command import finish_shard
