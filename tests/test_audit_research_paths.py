@@ -119,6 +119,16 @@ def test_bench_score_refuses_paths_outside_the_bench_folder(tmp_path, monkeypatc
     assert json.loads(written[0].read_text())["l1"] == 0.0          # an intact folder is still scored
 
 
+def test_bench_score_names_a_copy_line_that_is_not_json(tmp_path, monkeypatch):
+    from diffedit.research.scores import perceptual
+    from diffedit.research.scores.command import score_folder
+    monkeypatch.setattr(perceptual, "l1", lambda edited, original: 0.0)
+    folder = bench_folder(tmp_path / "a", "images/a/edit.png")
+    (folder / "copy.jsonl").write_text('{"item": "a", "image": "images/a/edit.png"}\n{not json\n')
+    with pytest.raises(ParameterError, match=r"line 2 of .*copy.jsonl is not JSON"):
+        score_folder(folder, metrics=["l1"])
+
+
 @pytest.mark.parametrize("row, words", [
     ({"method": "diffedit", "strength": "0.5"}, "row 1 of the summary .* no number as its strength"),
     ({"method": "diffedit"}, "row 1 of the summary .* no number as its strength"),

@@ -41,7 +41,7 @@ def read_rows(out_dir: str | os.PathLike, repair: bool = False) -> list[dict]:
     for n, line in enumerate(lines[:-1]):   # a complete line is followed by "\n", so the last piece is torn
         if not line.strip():
             continue
-        row = _parse_row(line, f"line {n + 1} of {path}")
+        row = parse_row(line, f"line {n + 1} of {path}")
         key = row.get("key")
         if key in by_key:
             if by_key[key] != row:
@@ -56,7 +56,7 @@ def read_rows(out_dir: str | os.PathLike, repair: bool = False) -> list[dict]:
     return rows
 
 
-def _parse_row(line: str, where: str) -> dict:
+def parse_row(line: str, where: str) -> dict:
     """One complete line of results.jsonl as a row, or ParameterError naming `where`."""
     def not_finite(constant: str):
         raise ParameterError(f"{where} holds {constant}, which a results table never does; delete that line and "

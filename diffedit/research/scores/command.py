@@ -38,7 +38,7 @@ from diffedit.devices import parse_device
 from diffedit.errors import ParameterError
 from diffedit.io.files import user_path
 from diffedit.io.images import load_image
-from diffedit.research.table import RESULTS, read_json, read_rows, table_path, write_together
+from diffedit.research.table import RESULTS, parse_row, read_json, read_rows, table_path, write_together
 
 PER_EDIT = ("lpips", "l1", "clip_score", "deit", "background", "clip_edited", "structure")
 PER_SET = ("fid", "sfid", "csfid")
@@ -93,8 +93,9 @@ def _edit_rows(folder: Path) -> list[dict]:
             (read_rows(folder) if (folder / RESULTS).is_file() else [])]
     copy = folder / "copy.jsonl"
     if copy.is_file():
-        rows += [dict(json.loads(line), strength=None, key=f"copy-{json.loads(line)['item']}")
-                 for line in copy.read_text(encoding="utf-8").splitlines() if line.strip()]
+        copied = [parse_row(line, f"line {n} of {copy}")
+                  for n, line in enumerate(copy.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        rows += [dict(row, strength=None, key=f"copy-{row.get('item')}") for row in copied]
     if not rows:
         raise ParameterError(f"{folder} holds no bench rows (results.jsonl or copy.jsonl); run `diffedit bench` first.")
     if not all(isinstance(r.get("item"), str) for r in rows):
