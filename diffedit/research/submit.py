@@ -40,14 +40,15 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def submit_sweep(config: dict | str | Path, out: Path, count: int, task: Callable, trust_config_code: bool = False,
-                 options: dict | None = None, cluster: str | None = None) -> MergeResult:
+                 options: dict | None = None, cluster: str | None = None, items: int | None = None) -> MergeResult:
     """Submit the N shards, wait for all of them, merge. `task(config, out, K, N, trust)` runs one
-    shard in the job (research/command.run_shard). A failed task raises its error here."""
+    shard in the job (research/command.run_shard). A failed task raises its error here. `items`:
+    the number of items when the caller has read them (a benchmark's), else read from the config."""
     if count < 1:
         raise ParameterError(f"--submit needs the number of shards, at least 1; got {count}.")
     parsed = SweepConfig.parse(config)
     check_trust(parsed, trust_config_code)   # refused here, not in every task
-    check_shard_count(Shard(0, count, "--submit"), len(load_items(parsed.items)))
+    check_shard_count(Shard(0, count, "--submit"), len(load_items(parsed.items)) if items is None else items)
     try:
         import submitit
     except ImportError:

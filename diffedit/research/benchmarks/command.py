@@ -172,7 +172,7 @@ def run(args) -> int:
         config["items"] = spec
     rows: list[dict] = []
     if config is not None and args.submit is not None:
-        merged = submit_sweep(config, out, args.submit, run_bench_shard, options=options)
+        merged = submit_sweep(config, out, args.submit, run_bench_shard, options=options, items=len(bench.items))
         rows = read_rows(out)
         print(f"merged {merged.shards} shards: {len(rows)} rows in {out / RESULTS} and {out / CSV_NAME}")
     elif config is not None:
