@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from diffedit.errors import ModelLoadError, UnsafeCheckpointError
+from diffedit.io.files import resolves_inside
 
 StateDict = dict  # key -> torch.Tensor, or LazyTensor (safetensors, read on load)
 
@@ -248,10 +249,10 @@ def model_root(folder: Path) -> Path:
 
 def inside(path: Path, root: Path) -> Path:
     """`path`, refused unless it resolves (through any symbolic link) inside `root`, a `model_root`."""
-    real = Path(os.path.realpath(path))
-    if not real.is_relative_to(root):
-        raise ModelLoadError(f"{path} leads through a symbolic link to {real}, outside the model folder {root}; "
-                             "the model folder is damaged or malicious: copy the file into it or download the model again.")
+    if not resolves_inside(path, root):
+        raise ModelLoadError(f"{path} leads through a symbolic link to {os.path.realpath(path)}, outside the model "
+                             f"folder {root}; the model folder is damaged or malicious: copy the file into it or "
+                             "download the model again.")
     return path
 
 

@@ -46,6 +46,11 @@ def user_path(path: str | os.PathLike, error: type[DiffEditError] = OutputFileEr
                     f"write the path out in full (./{path} for a folder named {head}).") from None
 
 
+def resolves_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """True when `path`, followed through any symbolic link, lies inside `folder` (resolved alike)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
 def image_format(path: str | os.PathLike) -> str:
     """The Pillow format name for an output path, from its suffix (.png, .jpg/.jpeg, .webp)."""
     path = Path(path)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from diffedit.arguments import check_prompt_pairs
 from diffedit.errors import ParameterError, PromptError
-from diffedit.io.files import user_path
+from diffedit.io.files import resolves_inside, user_path
 from diffedit.io.images import load_image
 from diffedit.research import metrics as M
 from diffedit.settings import ABLATIONS, DEFAULT, check
@@ -123,10 +123,19 @@ class SweepConfig:
         """The items spec as resuming compares it: a folder's spec with the digest of what its
         items are now (items_digest), so that changed prompts or pictures are another sweep. A
         benchmark's spec carries the digest its reader gave (benchmarks/command.py); the shapes
-        benchmark is made by code."""
-        if isinstance(self.items, dict) and self.items.get("folder") is not None:
-            return {**self.items, "digest": items_digest(load_items(self.items))}
-        return self.items
+        benchmark is made by code. A caller that has loaded the items sets it with `identify`."""
+        return self.identify(load_items(self.items)) if self._digested else self.items
+
+    def identify(self, items: list[Item]) -> dict:
+        """Set (and return) `items_identity` from `items`, the items this config's spec gave, so
+        that they are not read and decoded a second time for their digest."""
+        self.items_identity = {**self.items, "digest": items_digest(items)} if self._digested else self.items
+        return self.items_identity
+
+    @property
+    def _digested(self) -> bool:
+        """A folder of items: its identity holds the digest of their files."""
+        return isinstance(self.items, dict) and self.items.get("folder") is not None
 
 
 def _grid(grid) -> dict[str, list]:
@@ -288,18 +297,11 @@ def inside(folder: Path, relative: str, what: str) -> Path:
     """FOLDER/RELATIVE, refused unless it stays inside FOLDER (no absolute path, no '..' out of
     it, no symbolic link pointing out of it)."""
     path = folder / relative
-    if Path(relative).is_absolute() or not _within(path, folder):
+    if Path(relative).is_absolute() or not resolves_inside(path, folder):
         raise ParameterError(f"{what} ({relative!r}) points outside {folder}; give a path relative to that folder "
                              "and inside it.")
     return path
 
-
-def _within(path: Path, folder: Path) -> bool:
-    try:
-        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
-        return True
-    except ValueError:
-        return False
 
 
 def check_item_id(item_id: str, where: str) -> str:

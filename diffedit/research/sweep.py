@@ -161,7 +161,9 @@ def run_sweep(config, out_dir: str | os.PathLike, pipe=None, progress: Callable 
     shard = shard or Shard(0, 1, "single")
     if pipe is None:
         check_model_settings(cfg, shard)
-    items = load_items(cfg.items) if items is None else items
+    if items is None:
+        items = load_items(cfg.items)
+        cfg.identify(items)   # the digest of what was just read, not of a second reading
     check_shard_count(shard, len(items))
     runs = plan_runs(cfg, items)
     out = user_path(out_dir, OutputFileError)
@@ -274,13 +276,14 @@ def _write_items(out: Path, folder: Path, items: list[Item], save_images: bool) 
     """items.json in the table's folder; the input (and ground-truth) pictures under out/images/ITEM."""
     listing = []
     for item in items:
-        entry = {"id": item.id, "source": item.source, "target": item.target, "size": list(item.image.size)}
+        image, truth = item.image, item.gt_mask   # each read once (an item may hold files, not pixels)
+        entry = {"id": item.id, "source": item.source, "target": item.target, "size": list(image.size)}
         if save_images:
             item_folder = out / "images" / item.id
             item_folder.mkdir(parents=True, exist_ok=True)
-            entry["input"] = save_image(item.image, item_folder / "input.png", overwrite=True).relative_to(out).as_posix()
-            if item.gt_mask is not None:
-                entry["gt_mask"] = save_image(Image.fromarray(item.gt_mask.astype(np.uint8) * 255, "L"),
+            entry["input"] = save_image(image, item_folder / "input.png", overwrite=True).relative_to(out).as_posix()
+            if truth is not None:
+                entry["gt_mask"] = save_image(Image.fromarray(truth.astype(np.uint8) * 255, "L"),
                                               item_folder / "gt_mask.png", overwrite=True).relative_to(out).as_posix()
         listing.append(entry)
     atomic_write_text(folder / ITEMS_NAME, json.dumps(listing, indent=2) + "\n", overwrite=True)
@@ -297,7 +300,8 @@ def _execute(pipe, cfg: SweepConfig, item: Item, run: Run, state: _ItemState, ou
         return {**row, "time_mask_s": 0.0, "time_inversion_s": 0.0, "time_edit_s": 0.0, "time_metrics_s": 0.0,
                 "cache_mask": True if use_mask else None, "cache_inversion": True if encode else None,
                 "cache_edit": True}
-    encoded = pipe.encode_image(item.image, resolution=cfg.resolution)
+    image = item.image   # read once per run (an item may hold its file, not its pixels)
+    encoded = pipe.encode_image(image, resolution=cfg.resolution)
     steps, r = s["num_inference_steps"], s["strength"]
     fields: dict[str, Any] = {}
     timing = {"time_mask_s": 0.0, "time_inversion_s": 0.0, "cache_mask": None, "cache_inversion": None}
@@ -332,13 +336,13 @@ def _execute(pipe, cfg: SweepConfig, item: Item, run: Run, state: _ItemState, ou
 
     t0 = time.perf_counter()
     target_image = Image.fromarray(item.edit.target_image) if item.edit is not None else None
-    fields.update(M.edit_metrics(edited, item.image, item.gt_mask, pixel_mask, extra, item.source, item.target,
+    fields.update(M.edit_metrics(edited, image, item.gt_mask, pixel_mask, extra, item.source, item.target,
                                  target_image))
     if item.edit is not None:   # the shapes world: the edit checked against its ground truth
         from diffedit.shapes.check import check_edit
         check = check_edit(edited, item.edit)
         fields.update(success=check.success, colour_ok=check.colour_ok, shape_ok=check.shape_ok,
-                      bg_psnr_scene=M.psnr(edited, item.image, ~item.edit.background_mask))
+                      bg_psnr_scene=M.psnr(edited, image, ~item.edit.background_mask))
     timing["time_metrics_s"] = time.perf_counter() - t0
     if cfg.save_images:
         path = out / "images" / item.id / f"{effective}.png"
