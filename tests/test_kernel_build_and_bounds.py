@@ -132,3 +132,20 @@ def test_an_unwritable_cache_names_the_variable_to_set(tmp_path, monkeypatch):
     source.write_text(PROBE % ("probe", 1))
     with pytest.raises(RuntimeError, match="cannot build the probe into the cache .*set DIFFEDIT_CACHE"):
         c_build.load(source, "probe")
+
+
+def test_the_c_entries_refuse_impossible_sizes_themselves():
+    """The wrappers refuse these first; the C entries return -2 rather than index memory with them."""
+    one = torch.ones(1, 2, 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        entry = getattr(portable(dtype), cpu_attention.ENTRIES[dtype])
+        x = one.to(dtype)
+        for B, H, Nq, Nk, D in [(1, 1, 2, 0, 8), (1, 1, 2, -1, 8), (1, 0, 2, 2, 8), (1, 1, 2, 2, 0), (-1, 1, 2, 2, 8)]:
+            status = entry(x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), *[0] * 8, B, H, Nq, Nk, D, 1.0, 1)
+            assert status == -2, (dtype, B, H, Nq, Nk, D)
+    library = cpu_linear.build(("-DPORTABLE_ONLY",))
+    y = torch.zeros(2, 16)
+    panels = cpu_linear.pack(torch.ones(16, 8))
+    assert library.linear_fp32(one.data_ptr(), 8, panels.data_ptr(), 0, y.data_ptr(), 16, -1, 8, 16, 1) == -2
+    assert library.linear_fp32(one.data_ptr(), 8, panels.data_ptr(), 0, y.data_ptr(), 16, 2, 8, 0, 1) == 0
+    assert not y.any()   # nothing written for N = 0
