@@ -145,6 +145,8 @@ class DDIM:
 
     def _predict(self, model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
                  prediction_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if prediction_type is not None and prediction_type not in PREDICTIONS:
+            raise ParameterError(f"prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction.")
         out, x = model_output.float(), x_t.float()
         if (prediction_type or self.config.prediction_type) == "v_prediction":
             # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022, sec. 4)

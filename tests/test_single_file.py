@@ -327,7 +327,7 @@ SD2_TEXT = [("cond_stage_model.model.ln_final.weight", (1024,))]
     (fabricated(context=2048), "sdxl"),
     (fabricated(in_channels=9, extra=SD1_TEXT), "inpainting"),
     (fabricated(in_channels=9, context=1024, extra=SD2_TEXT), "inpainting"),
-    (fabricated(in_channels=8, extra=SD1_TEXT), "instruct-pix2pix or depth"),
+    (fabricated(in_channels=8, extra=SD1_TEXT), "instruct-pix2pix"),
     (fabricated(context=1024, extra=SD2_TEXT + [("model.diffusion_model.label_emb.0.0.weight", (1280, 1536))]),
      "unclip"),
     ({"encoder.conv_in.weight": torch.empty(128, 3, 3, 3, device="meta")}, NOT_SD),

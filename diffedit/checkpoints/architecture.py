@@ -43,7 +43,10 @@ ARCHITECTURES = {  # what detect_original_architecture returns -> what it is, fo
     "sd2": "SD 2.x (OpenCLIP text encoder)",
     "sdxl": "SDXL (two text encoders, 2048-wide text states)",
     "inpainting": "an inpainting model (9 UNet input channels)",
-    "instruct-pix2pix or depth": "an instruct-pix2pix or depth model (8 UNet input channels)",
+    "instruct-pix2pix": "an instruct-pix2pix model (8 UNet input channels)",
+    "depth": "a depth-to-image model (5 UNet input channels)",
+    "upscaler": "an upscaler (7 UNet input channels)",
+    "other input channels": "a model whose UNet does not take SD's 4 latent channels",
     "unclip": "an unCLIP or class-conditioned model (UNet label_emb)",
     NOT_SD: "no Stable Diffusion model (no model.diffusion_model.* UNet weights)",
 }
@@ -54,7 +57,8 @@ SUPPORTED = ("sd1", "sd2")
 
 def detect_original_architecture(state_dict: StateDict) -> str:
     """What an original-layout state dict looks like: "sd1" or "sd2" (supported), or one of the
-    refused "sdxl", "inpainting", "instruct-pix2pix or depth", "unclip", NOT_SD (see ARCHITECTURES).
+    refused "sdxl", "inpainting", "instruct-pix2pix", "depth", "upscaler", "other input
+    channels", "unclip", NOT_SD (see ARCHITECTURES).
     SD 2 epsilon (512) and v-prediction (768) have the same weights: see `choose_preset`."""
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
         return "sdxl"
@@ -66,7 +70,8 @@ def detect_original_architecture(state_dict: StateDict) -> str:
     if 2048 in context:
         return "sdxl"
     if conv_in.shape[1] != 4:
-        return {9: "inpainting", 8: "instruct-pix2pix or depth"}.get(conv_in.shape[1], NOT_SD)
+        return {9: "inpainting", 8: "instruct-pix2pix", 7: "upscaler", 5: "depth"}.get(
+            conv_in.shape[1], "other input channels")
     if any(k.startswith(UNET + "label_emb.") for k in state_dict):
         return "unclip"
     if any(k.startswith(OPEN_CLIP) for k in state_dict) or 1024 in context:
@@ -99,7 +104,7 @@ def choose_preset(arch: str, preset: str | None = None, prediction_type: str | N
     if prediction_type in by_prediction:
         return by_prediction[prediction_type]
     raise ModelLoadError("this SD 2.x checkpoint's weights do not say whether it predicts epsilon (512 px) or v "
-                         "(768 px); pass preset='sd2-base' or preset='sd2-v' (or prediction_type).")
+                         "(768 px); pass preset='sd2-base' or preset='sd2-v' (--preset on the command line).")
 
 
 # ---------------------------------------------------------------- configs from shapes

@@ -154,10 +154,9 @@ def _read_config(cls, path: Path, root: Path):
         raise ModelLoadError(f"{path}: {e}") from None
 
 
-def _load_single_file(path: Path, device, dtype, preset: str | None, source: str,
-                      prediction_type: str | None = None) -> StableDiffusion:
+def _load_single_file(path: Path, device, dtype, preset: str | None, source: str) -> StableDiffusion:
     """An original-layout file: detect what it is (refusing SDXL, inpainting, ...), choose the
-    preset (SD 2 needs `preset` or a `prediction_type` hint), check the file's shapes against it,
+    preset (SD 2 needs `preset`), check the file's shapes against it,
     then rename/split into our three models' state dicts (views of the file's tensors, no copies)."""
     from diffedit.checkpoints.architecture import (
         choose_preset,
@@ -166,7 +165,7 @@ def _load_single_file(path: Path, device, dtype, preset: str | None, source: str
     )
     from diffedit.checkpoints.single_file import split_original_checkpoint
     state_dict = read_state_dict(path)
-    preset = choose_preset(detect_original_architecture(state_dict), preset, prediction_type)
+    preset = choose_preset(detect_original_architecture(state_dict), preset)
     config = infer_configs(state_dict, preset)
     weights = split_original_checkpoint(state_dict, config)
     del state_dict

@@ -145,6 +145,8 @@ class VAEConfig:
         for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             if any(t != block for t in r.names(key, [block])):
                 raise ModelLoadError(f"VAE {key} {d[key]} are not supported (only {block}).")
+        if d.get("act_fn", "silu") != "silu":
+            raise ModelLoadError(f"VAE activation {d['act_fn']!r} is not supported (only silu).")
         if d.get("shift_factor") not in (None, 0, 0.0) or d.get("latents_mean") is not None:
             raise ModelLoadError("this VAE has a latent shift or per-channel statistics (SD3/Flux style); "
                                  "only SD 1.x/2.x KL autoencoders are supported.")
@@ -257,14 +259,19 @@ def _unet_lookalike(d: dict[str, Any]) -> str | None:
     if d.get("in_channels", 4) == 9:
         return "an inpainting model (9 input channels)"
     if d.get("in_channels", 4) == 8:
-        return "an instruct-pix2pix or depth model (8 input channels)"
+        return "an instruct-pix2pix model (8 input channels)"
+    if d.get("in_channels", 4) == 5:
+        return "a depth-to-image model (5 input channels)"
     if d.get("class_embed_type") is not None or d.get("num_class_embeds") is not None:
         return "an upscaler or class-conditioned UNet"
     if d.get("time_cond_proj_dim") is not None:
         return "a latent consistency (LCM) UNet"
     unsupported = {"only_cross_attention": False, "dual_cross_attention": False, "center_input_sample": False,
                    "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-                   "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3, "encoder_hid_dim": None}
+                   "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3, "encoder_hid_dim": None,
+                   # no weights of their own, but they change what the network computes
+                   "downsample_padding": 1, "mid_block_scale_factor": 1, "time_embedding_act_fn": None,
+                   "timestep_post_act": None}
     for key, default in unsupported.items():
         if d.get(key, default) not in (default, [default] * len(d.get("block_out_channels", []))):
             return f"a UNet with {key}={d[key]!r}"
