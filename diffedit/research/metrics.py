@@ -33,6 +33,7 @@ from PIL import Image
 
 from diffedit.errors import ParameterError
 from diffedit.io.files import user_path
+from diffedit.io.images import to_rgb
 from diffedit.io.pictures import mask_to_pil
 
 PSNR_CAP = 100.0          # dB reported when the images agree exactly (MSE = 0) or better than this
@@ -45,11 +46,15 @@ BUILTIN_METRICS = ("bg_psnr_gt", "bg_ssim_gt", "bg_psnr_mask", "bg_ssim_mask", "
 # ---------------------------------------------------------------------- inputs
 
 def as_float_image(image: Any) -> np.ndarray:
-    """(H, W, C) float64 in [0, 1] from a PIL image, a uint8 array (H, W[, C]), a float array in
-    [0, 1] (H, W[, C]), or a torch tensor (3, H, W) / (1, 3, H, W) in [-1, 1] (the model's range)."""
+    """(H, W, C) float64 in [0, 1] from a PIL image (any mode, read as the pipeline reads it:
+    16-bit scaled, alpha on white), a uint8 array (H, W[, C]), a float array in [0, 1] (H, W[, C]),
+    or a torch tensor (3, H, W) / (1, 3, H, W) in [-1, 1] (the model's range)."""
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+        image = np.asarray(image if image.mode in ("L", "RGB") else to_rgb(image))
     if isinstance(image, torch.Tensor):
+        if not image.is_floating_point():
+            raise ParameterError(f"an image tensor must be float in [-1, 1], got {image.dtype}; pass x / 127.5 - 1, "
+                                 "or a uint8 numpy array for 0-255 images.")
         t = image.detach().cpu().double()
         if t.dim() == 4 and t.shape[0] == 1:
             t = t[0]

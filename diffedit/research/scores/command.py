@@ -110,7 +110,8 @@ def _open(path: Path) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except OSError:
-        raise ParameterError(f"cannot read the picture {path}; run `diffedit bench` again to rewrite it.") from None
+        raise ParameterError(f"cannot read the train picture {path}; replace it or move it out of the "
+                             "folder.") from None
 
 
 def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex",
@@ -176,6 +177,8 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
             raise ParameterError("fid, sfid and csfid need the reference statistics: pass --stats FILE (made once "
                                  "with `diffedit bench stats IMAGENET_TRAIN --out FILE`).")
         stats, about = sets.load_statistics(stats_path)
+        if "csfid" in metrics:   # refused now, not after every edit was scored
+            sets.check_classes(stats, [it["target_id"] for it in items.values()])
         inception = networks.inception(weights).to(device)
         info.update({m: {"backbone": f"Inception-v3 (FID graph, torchmetrics NoTrainInceptionV3), {sets.SET_INFO[m]}",
                          "resolution": "shorter side 256, centre crop 256, resized to 299 inside",
@@ -225,13 +228,13 @@ def _write(folder, scored, feats, stats, metrics, info, items) -> list[Path]:
     names = [k for s in scored for k in s if k not in ("key", "item", "method", "strength", "deit_class")]
     for entry in payload["summary"]:
         members = groups.get((entry["method"], entry["strength"]), [])
-        for name in dict.fromkeys(names):
-            values = [m[name] for m in members if isinstance(m.get(name), (int, float))]
+        for name in dict.fromkeys(names):   # the mean over the edits that define the score (NaN: undefined)
+            values = [m[name] for m in members if isinstance(m.get(name), (int, float)) and not math.isnan(m[name])]
             entry[name] = statistics.fmean(values) if values else math.nan
-        if stats is not None and len(members) >= 2:
+        if stats is not None and members:
             f = torch.stack([feats[m["key"]] for m in members])
             if "fid" in metrics:
-                entry["fid"] = sets.fid(f, stats)
+                entry["fid"] = sets.fid(f, stats) if len(members) >= 2 else math.nan
             if "sfid" in metrics:
                 entry["sfid"] = sets.sfid(f, stats)
             if "csfid" in metrics:
@@ -273,6 +276,7 @@ def compute_stats(root, out, weights=None, per_class=None, batch=16, bar=True, d
     from diffedit.research.scores import networks, sets
     if per_class is not None and per_class < 1:
         raise ParameterError(f"--per-class must be at least 1, got {per_class}.")
+    sets.statistics_output(out)     # a folder or unwritable --out refused now, not after hours of features
     index = {r["path"].split("/")[0]: r["source_id"] for s in ("test", "dev") for r in read_queries(s)}
     files = train_images(user_path(root, ParameterError), per_class)
     inception, acc = networks.inception(weights).to(device), sets.Accumulator()

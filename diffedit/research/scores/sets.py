@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diffedit.errors import ModelLoadError, ParameterError
-from diffedit.io.files import user_path
+from diffedit.errors import ModelLoadError, OutputFileError, ParameterError
+from diffedit.io.files import atomic_write, check_output, user_path
 from diffedit.research.scores.networks import device_of
 from diffedit.research.scores.perceptual import flexit_crop
 
@@ -89,12 +89,22 @@ class Accumulator:
         return stats
 
 
+def statistics_output(path: str | Path) -> Path:
+    """The statistics file to write, its folder made and the path checked (not a folder, writable):
+    called before hours of features, not after."""
+    path = user_path(path, OutputFileError)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputFileError(f"cannot create the folder {path.parent} ({e.strerror}); choose another --out.") from None
+    return check_output(path, overwrite=True)
+
+
 def save_statistics(stats: dict[str, torch.Tensor], path: str | Path, about: dict) -> Path:
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in stats.items()}, str(path), metadata={"about": json.dumps(about)})
-    return path
+    """Write the statistics as safetensors, atomically (a failed write leaves the old file)."""
+    from safetensors.torch import save
+    data = save({k: v.contiguous() for k, v in stats.items()}, metadata={"about": json.dumps(about)})
+    return atomic_write(statistics_output(path), lambda f: f.write(data), overwrite=True)
 
 
 def load_statistics(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -146,17 +156,22 @@ def sfid(fake: torch.Tensor, stats: dict[str, torch.Tensor]) -> float:
     return float((fake.double().mean(0) - stats["mean"].double()).square().sum())
 
 
-def csfid(fake: torch.Tensor, targets: list[int], stats: dict[str, torch.Tensor]) -> float:
-    """FlexIT's CSFID: the mean over target classes of the squared distance between the mean
-    features of the edits into that class and the reference mean of that class."""
+def check_classes(stats: dict[str, torch.Tensor], targets: list[int]) -> None:
+    """Refuse statistics without a reference mean for every target class (CSFID needs them)."""
     if "class_mean" not in stats:
         raise ParameterError("CSFID needs per-class reference statistics; compute them from a class-folder ImageNet "
                              "train set with `diffedit bench stats`.")
-    row = {int(c): i for i, c in enumerate(stats["class_index"].tolist())}
-    missing = sorted({c for c in targets if c not in row})
+    missing = sorted(set(targets) - set(stats["class_index"].tolist()))
     if missing:
         raise ParameterError(f"the reference statistics have no images of class {missing[0]}; compute them over "
                              "every target class.")
+
+
+def csfid(fake: torch.Tensor, targets: list[int], stats: dict[str, torch.Tensor]) -> float:
+    """FlexIT's CSFID: the mean over target classes of the squared distance between the mean
+    features of the edits into that class and the reference mean of that class."""
+    check_classes(stats, targets)
+    row = {int(c): i for i, c in enumerate(stats["class_index"].tolist())}
     distances = []
     for c in sorted(set(targets)):
         members = fake[[i for i, t in enumerate(targets) if t == c]].double()
