@@ -6,8 +6,9 @@ the caller's `requested` argument, else the kind's environment variable (DIFFEDI
 DIFFEDIT_MASK_KERNEL), else "auto":
 
 - "torch" always takes the torch path;
-- "auto" takes the kernel for CUDA tensors it can serve when Triton is importable, torch
-  otherwise (on CPU tensors it never imports Triton);
+- "auto" takes the kernel for CUDA tensors it can serve when Triton is importable and compiles for
+  the GPU (`check_triton_gpu`), torch otherwise (on CPU tensors it never imports Triton); the
+  kernels have no backward pass, so tensors that need gradients go to torch;
 - "triton" takes the kernel or raises ParameterError saying why it cannot serve the tensors
   (CPU tensors are served only under Triton's interpreter, TRITON_INTERPRET=1, for the tests).
 
@@ -42,7 +43,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float3
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
-    """None: the CPU; "auto": CUDA if there is a device, else the CPU; else what torch.device reads."""
+    """None: the CPU; "auto": CUDA if there is a device, else the CPU; else what torch.device reads
+    (cuda:N only for a device this machine has)."""
     if device is None:
         return torch.device("cpu")
     if device == "auto":
@@ -56,6 +58,10 @@ def parse_device(device: str | torch.device | None) -> torch.device:
                              "CUDA); use the CPU (device='cpu', --device cpu).")
     if device.type not in ("cpu", "cuda"):
         raise ParameterError(f"device {device.type!r} is not supported; use 'cpu' or 'cuda'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ParameterError(f"{device} was asked for but this machine's CUDA devices are {names}; choose one of them.")
     return device
 
 
@@ -125,6 +131,7 @@ def choose_kernel(kind: str, operands: tuple, requested: str | None = None) -> M
     try:
         kernel = _import_kernel(kind)
         kernel.check_inputs(*operands)
+        check_triton_gpu(operands[0].device, {x.dtype for x in operands if isinstance(x, torch.Tensor)})
         return kernel
     except ImportError:
         problem = "Triton cannot be imported (pip install 'diffedit-sd[triton]')"
@@ -134,6 +141,24 @@ def choose_kernel(kind: str, operands: tuple, requested: str | None = None) -> M
         raise ParameterError(f"the Triton {kind} kernel cannot serve these tensors: {problem}; "
                              f"choose 'torch' or 'auto' with {switch} or {variable}.")
     return None
+
+
+# The oldest NVIDIA GPUs Triton compiles for, per dtype: Volta (7.0), and Ampere (8.0) for bf16, whose
+# instructions older GPUs lack (torch.compile's rules for its own Triton code).
+TRITON_MIN_CAPABILITY = {torch.float16: (7, 0), torch.float32: (7, 0), torch.bfloat16: (8, 0)}
+
+
+def check_triton_gpu(device: torch.device, dtypes: set[torch.dtype]) -> None:
+    """ValueError unless Triton compiles for these dtypes on this device: an NVIDIA GPU's compute
+    capability (ROCm GPUs, and the CPU under Triton's interpreter, pass)."""
+    if device.type != "cuda" or torch.version.hip:
+        return
+    needed = max(TRITON_MIN_CAPABILITY[dtype] for dtype in dtypes)
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < needed:
+        names = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+        raise ValueError(f"{device} has compute capability {major}.{minor} and Triton's {names} code needs "
+                         f"{needed[0]}.{needed[1]}")
 
 
 def _cpu_attention_kernel(operands: tuple, forced: bool) -> ModuleType | None:

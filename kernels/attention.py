@@ -49,6 +49,7 @@ between this kernel and torch in `diffedit.devices.choose_kernel`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -131,8 +132,8 @@ def available() -> bool:
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> None:
-    """Raise TypeError (types, dtypes) or ValueError (devices, shapes) unless the kernel can serve these
-    tensors (with or without `upcast`: it serves both)."""
+    """Raise TypeError (types, dtypes) or ValueError (devices, shapes, gradients) unless the kernel can
+    serve these tensors (with or without `upcast`: it serves both)."""
     if not all(isinstance(x, torch.Tensor) for x in (q, k, v)) or not isinstance(heads, int):
         raise TypeError("q, k and v must be torch tensors and heads an int.")
     if not all(x.dim() == 3 for x in (q, k, v)):
@@ -145,6 +146,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, 
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError("q, k and v must share one dtype among float16, bfloat16 and float32, "
                         f"not {q.dtype}, {k.dtype}, {v.dtype}.")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("the Triton attention kernel has no backward pass; it serves inference only.")
     width = q.shape[-1]
     if heads < 1 or width % heads or k.shape[-1] != width or v.shape[-1] != width:
         raise ValueError("q, k and v must all have width heads * head_dim "
@@ -187,14 +190,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
 
     out = torch.empty(batch, n_q, width, device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(n_q, block_m), batch * heads)
-    _attention_forward[grid](
-        q, k, v, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        heads, n_q, n_k, head_dim, math.log2(math.e) / math.sqrt(head_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        FP32_DOT=fp32_operands or (INTERPRETED and q.dtype == torch.bfloat16), ROUND_P=not fp32_operands,
-        num_warps=num_warps, num_stages=2,
-    )
+    # Triton launches on the current CUDA device, not on the tensors' one: make theirs current
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _attention_forward[grid](
+            q, k, v, out,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            heads, n_q, n_k, head_dim, math.log2(math.e) / math.sqrt(head_dim),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            FP32_DOT=fp32_operands or (INTERPRETED and q.dtype == torch.bfloat16), ROUND_P=not fp32_operands,
+            num_warps=num_warps, num_stages=2,
+        )
     return out
 
 

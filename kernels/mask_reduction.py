@@ -42,6 +42,7 @@ and chooses between this kernel and torch in `diffedit.devices.choose_kernel`.
 
 from __future__ import annotations
 
+import contextlib
 import torch
 import triton
 import triton.language as tl
@@ -124,7 +125,8 @@ def available() -> bool:
 
 
 def check_inputs(eps_target: torch.Tensor, eps_source: torch.Tensor) -> None:
-    """Raise TypeError (types, dtypes) or ValueError (devices, shapes) unless the kernels can serve these tensors."""
+    """Raise TypeError (types, dtypes) or ValueError (devices, shapes, gradients) unless the kernels can serve
+    these tensors."""
     if not isinstance(eps_target, torch.Tensor) or not isinstance(eps_source, torch.Tensor):
         raise TypeError("eps_target and eps_source must be torch tensors.")
     if eps_target.dim() != 5 or eps_target.shape != eps_source.shape:
@@ -137,6 +139,8 @@ def check_inputs(eps_target: torch.Tensor, eps_source: torch.Tensor) -> None:
     if eps_target.dtype not in DTYPES or eps_source.dtype not in DTYPES:
         raise TypeError("eps_target and eps_source must be float16, bfloat16 or float32, "
                         f"not {eps_target.dtype} and {eps_source.dtype}.")
+    if torch.is_grad_enabled() and (eps_target.requires_grad or eps_source.requires_grad):
+        raise ValueError("the Triton mask kernels have no backward pass; they serve inference only.")
 
 
 def _check_normalization(normalization: str) -> None:
@@ -166,18 +170,20 @@ def mask_reduction(eps_target: torch.Tensor, eps_source: torch.Tensor, normaliza
     block = min(block_pixels, max(16, triton.next_power_of_2(pixels)))
 
     difference = torch.empty(batch, height, width, device=eps_target.device, dtype=torch.float32)
-    _difference_kernel[(batch, triton.cdiv(pixels, block))](
-        eps_target, eps_source, difference,
-        eps_target.stride(0), eps_target.stride(1), eps_target.stride(2),
-        eps_source.stride(0), eps_source.stride(1), eps_source.stride(2),
-        samples, channels, pixels, BLOCK_P=block,
-    )
     soft = torch.empty_like(difference)
     mask = torch.empty(batch, height, width, device=eps_target.device, dtype=torch.int8)
-    _normalize_kernel[(batch,)](
-        difference, soft, mask, pixels, float(threshold), float(clamp_std), float(mean_ratio),
-        PAPER=normalization == "paper", BLOCK_P=block,
-    )
+    # Triton launches on the current CUDA device, not on the tensors' one: make theirs current
+    with torch.cuda.device(eps_target.device) if eps_target.is_cuda else contextlib.nullcontext():
+        _difference_kernel[(batch, triton.cdiv(pixels, block))](
+            eps_target, eps_source, difference,
+            eps_target.stride(0), eps_target.stride(1), eps_target.stride(2),
+            eps_source.stride(0), eps_source.stride(1), eps_source.stride(2),
+            samples, channels, pixels, BLOCK_P=block,
+        )
+        _normalize_kernel[(batch,)](
+            difference, soft, mask, pixels, float(threshold), float(clamp_std), float(mean_ratio),
+            PAPER=normalization == "paper", BLOCK_P=block,
+        )
     return difference, soft, mask.view(torch.bool)
 
 

@@ -84,6 +84,16 @@ def test_where_a_process_finds_its_shard(explicit, env, expected):
         assert shard.device("cuda") == "cuda:1" and shard.device("cpu") == "cpu"
 
 
+def test_a_rank_that_sees_one_gpu_takes_it(monkeypatch):
+    """torchrun with CUDA_VISIBLE_DEVICES set per rank: each process sees its GPU as cuda:0."""
+    import torch
+    shard = Shard.resolve(None, {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert shard.device("cuda") == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert shard.device("cuda") == "cuda:3"
+
+
 @pytest.mark.parametrize("text", ["3/3", "1", "a/b", "-1/2", "0/0"])
 def test_bad_shard_is_one_sentence(text):
     with pytest.raises(ParameterError, match="K"):

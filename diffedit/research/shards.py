@@ -80,14 +80,14 @@ class Shard:
 
     def device(self, configured: str) -> str:
         """The device of this process: cuda:LOCAL_RANK under torchrun when the job asks for cuda
-        (or for "auto" on a machine with CUDA); anything else as configured."""
+        (or for "auto" on a machine with CUDA), cuda:0 where each process sees one GPU
+        (CUDA_VISIBLE_DEVICES set per rank); anything else as configured."""
         if self.local_rank is None or configured not in ("cuda", "auto"):
             return configured
-        if configured == "auto":
-            import torch
-            if not torch.cuda.is_available():
-                return "cpu"
-        return f"cuda:{self.local_rank}"
+        import torch
+        if configured == "auto" and not torch.cuda.is_available():
+            return "cpu"
+        return "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{self.local_rank}"
 
 
 def assign(weights: list[int], count: int) -> list[int]:
