@@ -185,7 +185,8 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
                          "range": ">= 0, lower = closer to the reference images", "reference": about}
                      for m in PER_SET if m in metrics})
     info = {m: {**v, "device": "cpu" if m in NO_NETWORK else str(device)} for m, v in info.items()}
-    scored, feats, current = [], {}, None
+    scored, current = [], None   # features go to an unnamed scratch file (freed with it), not memory
+    feats = sets.SpilledFeatures(folder) if stats is not None else None
     for r in rows:
         item = items.get(r["item"], {})
         edited = load_image(table_path(folder, r.get("image"), f"the image of the row of item {r['item']}"))
@@ -212,14 +213,12 @@ def score_folder(folder, metrics=DEFAULT_METRICS, weights=None, lpips_net="alex"
         if "deit" in scorers:
             out.update(scorers["deit"](edited, item["source_id"], item["target_id"]))
         if stats is not None:
-            feats[r["key"]] = sets.features(inception, [edited])[0]
+            feats.add(r["key"], sets.features(inception, [edited])[0])
         scored.append(out)
     return _write(folder, scored, feats, stats, metrics, info, items)
 
 
 def _write(folder, scored, feats, stats, metrics, info, items) -> list[Path]:
-    import torch
-
     from diffedit.research.scores import sets
     groups: dict[tuple, list[dict]] = {}
     for s in scored:
@@ -232,7 +231,7 @@ def _write(folder, scored, feats, stats, metrics, info, items) -> list[Path]:
             values = [m[name] for m in members if isinstance(m.get(name), (int, float)) and not math.isnan(m[name])]
             entry[name] = statistics.fmean(values) if values else math.nan
         if stats is not None and members:
-            f = torch.stack([feats[m["key"]] for m in members])
+            f = feats.group([m["key"] for m in members])
             if "fid" in metrics:
                 entry["fid"] = sets.fid(f, stats) if len(members) >= 2 else math.nan
             if "sfid" in metrics:

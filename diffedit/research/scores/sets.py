@@ -22,6 +22,7 @@ covariances are not kept (1,000 x 2048 x 2048 float64 would be 34 GB; CSFID need
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,36 @@ def features(module: torch.nn.Module, images: Iterable[Image.Image], batch: int 
             flush()
     flush()
     return torch.cat(out) if out else torch.zeros(0, FEATURES, dtype=torch.float64)
+
+
+class SpilledFeatures:
+    """Each edit's (FEATURES,) float64 Inception features, written as they come to an unnamed
+    scratch file in `folder` (gone when closed, or when the process dies) and read back one group
+    at a time: memory does not grow with the number of edits (16 KiB an edit: 0.45 GB for a
+    whole ImageNet grid held in memory)."""
+
+    ROW = FEATURES * 8
+
+    def __init__(self, folder: Path):
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._rows: dict[str, int] = {}
+
+    def add(self, key: str, row: torch.Tensor) -> None:
+        self._rows[key] = len(self._rows)
+        self._file.write(row.to(torch.float64).contiguous().numpy().tobytes())
+
+    def group(self, keys: list[str]) -> torch.Tensor:
+        """(len(keys), FEATURES) float64: the rows of these edits, in this order."""
+        self._file.flush()
+        out = torch.empty(len(keys), FEATURES, dtype=torch.float64)
+        for i, key in enumerate(keys):
+            self._file.seek(self._rows[key] * self.ROW)
+            out[i] = torch.frombuffer(bytearray(self._file.read(self.ROW)), dtype=torch.float64)
+        self._file.seek(0, 2)
+        return out
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class Accumulator:
