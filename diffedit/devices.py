@@ -87,7 +87,7 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 def cpu_has_fast_bf16() -> bool:
     """True when torch runs bf16 convolutions on this CPU through oneDNN (AVX-512 or AMX: AVX512-BF16
     and AMX-BF16 make them faster than fp32). Without it they fall back to a slow reference
-    convolution, several times slower than fp32 (figures: README, "Speed on the CPU")."""
+    convolution, several times slower than fp32 (figures: benchmarks/README.md)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # the check torch's convolution itself uses
     except (AttributeError, RuntimeError):

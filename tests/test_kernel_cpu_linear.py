@@ -3,7 +3,7 @@ float64 and torch's F.linear, and the rule that chooses it.
 
 On a CPU with AVX2 and FMA these tests run its fast path, elsewhere its portable C path; both are
 built and compared where the fast one exists. "auto" takes it for fp32 inference only where torch's
-own CPU kernels are AVX2 ones (measured faster than MKL and oneDNN there: README, "Speed on the CPU")."""
+own CPU kernels are AVX2 ones (measured faster than MKL and oneDNN there: benchmarks/README.md)."""
 
 from __future__ import annotations
 

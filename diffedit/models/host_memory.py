@@ -9,7 +9,7 @@ Loading a model allocates each weight; repacking it for oneDNN (packed_linear.py
 packed copy and frees the plain one, and oneDNN allocates and frees work buffers on the way. With
 the moving threshold many of those blocks land in the heap, where the freed ones leave holes that
 later blocks of other sizes cannot fill: the process ends up holding several hundred MB more
-than the weights (measured figures: README, "Speed on the CPU").
+than the weights (measured figures: benchmarks/README.md, "Memory").
 
 `big_blocks_mapped()` is a context for loading and for every (re)packing of weights, also the
 convolutions' lazy re-packs between model calls. Inside it the threshold is fixed at 1 MiB, so

@@ -23,7 +23,7 @@ the plain convolution by rounding only (another summation order).
 1x1 convolutions are packed only in bf16 (`pack_convolutions(..., one_by_one=True)`, which the
 pipeline asks for in bf16, where the models run channels-last): there the per-call reorder of
 their weights is a tenth of the UNet call, packing them makes a bf16 UNet call about 7 % faster
-with bit-identical outputs (Intel Xeon with AMX-BF16, README "Speed on the CPU"). In fp32 packing
+with bit-identical outputs (Intel Xeon with AMX-BF16, benchmarks/README.md). In fp32 packing
 them gained nothing in the UNet call on that CPU (within the +-5 % noise) and made single shapes
 up to 25 % slower, as earlier measurements on AMD Zen CPUs had found: fp32 1x1 convolutions stay
 plain here (where the linear layers run on diffedit's fp32 kernel, they run on it too:

@@ -35,7 +35,7 @@ environment variable DIFFEDIT_CPU_LINEAR, else "auto":
   torch's CPU capability is AVX2 (kernels/cpu_linear.py: `chosen`); else "onednn" on an x86 CPU
   with oneDNN in fp32, and in bf16 where the CPU runs bf16 natively (devices.cpu_has_fast_bf16);
   "torch" everywhere else (GPUs, other architectures, emulated bf16). The rule was validated with
-  benchmarks/bench_linear_cpu.py (figures and CPUs: README, "Speed on the CPU").
+  benchmarks/bench_linear_cpu.py (figures and CPUs: benchmarks/README.md).
 """
 
 from __future__ import annotations
