@@ -60,7 +60,7 @@ CELLS = [
                             seed=0)
     report = evaluate(pipe, settings)
     print(report.table())
-    print(f"{report.seconds:.1f} s for {len(report.rows)} edits")
+    print(f"{report.seconds:.1f} s of compute for {settings.count} edits x {len(report.summary)} runs")
     """),
     code("""
     runs = {s["run"]: s for s in report.summary}
@@ -120,7 +120,7 @@ CELLS = [
     - along $r$, a larger encoding ratio gives the query more freedom (success rises) at the cost of
       the input (background PSNR falls): the trade-off curve of the paper's Fig. 4;
     - the mask holds the background: DiffEdit keeps a much higher background PSNR than `no_mask` and
-      `sdedit`, at a similar success;
+      `sdedit`, at a success at least as high;
     - DDIM encoding keeps the input inside the mask where the query does not ask for a change (the
       object's position, size, the texture under it), where a fresh noisy start (`no_encode`) has to
       redraw them: the difference shows inside the mask, not in the background PSNR;

@@ -20,11 +20,12 @@ The scenes come in minimal pairs: every training seed's scene and the same scene
 colour or shape changed (world.make_edit), trained with the same noise and timestep, so that the
 only difference the UNet sees between the two is the edited object and the one changed word.
 
-Everything is drawn from `--seed`: the same seed and step counts give the same weights on the
-same machine (2 threads; thread count and CPU type may change the last bits). The run saves a
-checkpoint (`.<out>.checkpoint.pt` beside `out`: weights, optimiser, random state) every
-`checkpoint_every` steps; `--resume` continues from it and gives the same weights as a run that
-was never interrupted.
+The settings are a `TrainConfig` (train_config.py), refused in one sentence before any work when
+the training cannot run them as they say. Everything is drawn from `--seed`: the same seed and step
+counts give the same weights on the same machine (2 threads; thread count and CPU type may change
+the last bits). The run saves a checkpoint (`.<out>.checkpoint.pt` beside `out`: weights, optimiser,
+random state) every `checkpoint_every` steps; `--resume` continues from it and gives the same
+weights as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,32 +60,7 @@ from diffedit.models.vae import AutoencoderKL
 from diffedit.sampler import DDIM
 from diffedit.shapes import world as world
 from diffedit.shapes.card import model_card
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int = 0                  # every random draw (scenes are seeds 0..scenes-1 of the world)
-    scenes: int = 24000            # training scenes, rendered once: scenes / 2 seeds, each with its edited twin
-    vae_steps: int = 3000          # autoencoder optimisation steps
-    vae_batch: int = 16            # random crops per autoencoder step
-    vae_crop: int = 32             # crop side: the convolutional autoencoder trains 4x cheaper on 32 px crops
-    vae_lr: float = 1.5e-3           # AdamW peak learning rate of the autoencoder
-    kl_weight: float = 1e-6        # weight of the KL term (SD: 1e-6): a nearly deterministic autoencoder
-    unet_steps: int = 6400         # UNet + text encoder optimisation steps
-    unet_batch: int = 32           # latents per UNet step (unet_batch / 2 minimal pairs)
-    unet_lr: float = 1e-3          # AdamW peak learning rate of UNet and text encoder
-    warmup: int = 100              # linear warm-up steps, then cosine decay to 10 % of the peak
-    uncond_prob: float = 0.1       # probability of training on the empty caption (for CFG)
-    ema_decay: float = 0.999       # EMA of the UNet/text weights (what gets saved)
-    bf16: bool = False             # bf16 autocast (much slower than fp32 for training on CPUs without native bf16)
-    log_every: int = 50            # steps between log lines
-    checkpoint_every: int = 250    # UNet steps between checkpoints (and after the autoencoder)
-    snapshot_every: int = 0        # UNet steps between saved intermediate models (0: none), to measure progress
-    loss_weight: str = "simple"    # weight of the noise loss over t (LOSS_WEIGHTS): "simple", "p2" or "v-capped"
-
-
-QUICK = TrainConfig(scenes=64, vae_steps=3, vae_batch=4, vae_crop=32, unet_steps=3, unet_batch=4, warmup=1, log_every=1,
-                    checkpoint_every=2)
+from diffedit.shapes.train_config import LOSS_WEIGHTS, QUICK, TrainConfig, check_config
 
 
 def model_config(tokenizer: Tokenizer, scaling_factor: float = 1.0) -> ModelConfig:
@@ -118,9 +94,6 @@ class Logger:
         line = f"[{self.elapsed():7.1f}s] {message}"
         self.lines.append(line)
         print(line, flush=True)
-
-
-LOSS_WEIGHTS = ("simple", "p2", "v-capped")
 
 
 def loss_weights(name: str, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -299,8 +272,9 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), threads: int | None 
     """Run the four stages and save the model in diffusers layout at `out`.
 
     With `resume`, continue the interrupted run whose checkpoint lies beside `out` (same config)."""
-    if tc.loss_weight not in LOSS_WEIGHTS:
-        raise ParameterError(f"unknown loss weight {tc.loss_weight!r}; choose one of {', '.join(LOSS_WEIGHTS)}.")
+    check_config(tc)
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+        raise ParameterError(f"threads must be an integer >= 0 (0 or None: torch's own choice), got {threads!r}.")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(tc.seed)
