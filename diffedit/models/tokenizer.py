@@ -46,8 +46,15 @@ CLIP_BPE_FILE = WEIGHTS / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 Merges = list[tuple[str, str]]
 
 
+CLOSED_VOCABULARY = 4096   # fewer tokens: a vocabulary learnt on a closed world (the embedded model's has 583)
+
+
 class TruncationWarning(UserWarning):
     """A prompt had more tokens than the text encoder reads; the end was dropped."""
+
+
+class UnknownWordWarning(UserWarning):
+    """A prompt has words a closed vocabulary does not hold whole: its model never read them."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -251,7 +258,25 @@ class Tokenizer:
                 self._warn_truncated(tokens[room:])
                 tokens = tokens[:room]
             ids[row, :len(tokens) + 2] = torch.tensor([self.bos_id, *tokens, self.eos_id])
+        if self.vocab_size < CLOSED_VOCABULARY:
+            self._warn_unknown(encodings)
         return ids
+
+    def _warn_unknown(self, encodings) -> None:
+        """A closed vocabulary (the embedded model's) holds every word its training captions use as
+        one token; a word spelt in several pieces is one the model never read: say which."""
+        unknown = {}
+        for encoding in encodings:
+            pieces: dict[int, list[int]] = {}
+            for word, token in zip(encoding.word_ids, encoding.ids):
+                pieces.setdefault(word, []).append(token)
+            unknown.update(dict.fromkeys(self.decode(ids) for ids in pieces.values() if len(ids) > 1))
+        if unknown:
+            words = ", ".join(repr(w) for w in list(unknown)[:8]) + (", ..." if len(unknown) > 8 else "")
+            these, them = ("these words", "them, so they do") if len(unknown) > 1 else ("this word", "it, so it does")
+            warnings.warn(f"this model's {self.vocab_size}-token vocabulary does not hold {these}: {words}; its "
+                          f"model never read {them} not steer the image (its model card lists the words it knows).",
+                          UnknownWordWarning, stacklevel=3)
 
     def _warn_truncated(self, dropped: list[int]) -> None:
         text = self.decode(dropped)

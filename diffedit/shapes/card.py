@@ -40,11 +40,11 @@ classes and with diffusers' (`StableDiffusionPipeline.from_pretrained`).
 It generates and edits scenes of this world (colour and shape edits of one object) with DiffEdit,
 in seconds on a CPU, and its outputs can be scored against the world's ground truth
 (`diffedit eval shapes`; the repository README's section on the embedded model has this model's
-table). It knows nothing outside the world: words outside its {len(world.vocabulary())}-word vocabulary,
-photographs, other sizes than 64 x 64, more than three objects, text rendering. A prompt with other
-words is not refused: the tokenizer spells them in byte pieces that training never showed, and the
-edit follows whatever the model makes of them, without a warning. It is a teaching and testing
-model, not an image generator.
+table). It knows nothing outside the world: words outside its {len(world.vocabulary())}-word vocabulary
+({", ".join(world.vocabulary())}), photographs, other sizes than 64 x 64, more than three objects, text
+rendering. A prompt with other words is not refused: the tokenizer spells them in byte pieces that
+training never showed, the edit follows whatever the model makes of them, and a warning
+(`UnknownWordWarning`) names them. It is a teaching and testing model, not an image generator.
 
 License: MIT, like the repository.
 """
