@@ -56,6 +56,7 @@ LABELS = {
         ("bg_psnr_scene", "background PSNR of the scene", "dB"))},
     "mask_iou": ("mask IoU with the ground truth", "0-1", "higher = better mask"),
     "success": ("edit success", "fraction of edits", "higher = more edits reach the target"),
+    "others_kept": ("other objects kept", "fraction of edits", "higher = the rest of the scene left alone"),
     "unet_samples": ("UNet samples per edit", "", "lower = cheaper"),
     **{k: (name, "fraction", "") for k, name in (("mask_area", "DiffEdit's mask area"), ("gt_mask_area",
        "ground-truth mask area"), ("colour_ok", "colour right"), ("shape_ok", "shape right"))},

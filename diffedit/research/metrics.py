@@ -40,7 +40,7 @@ PSNR_CAP = 100.0          # dB reported when the images agree exactly (MSE = 0) 
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 BUILTIN_METRICS = ("bg_psnr_gt", "bg_ssim_gt", "bg_psnr_mask", "bg_ssim_mask", "mask_iou", "mask_area",
-                   "gt_mask_area", "success", "colour_ok", "shape_ok", "bg_psnr_scene")
+                   "gt_mask_area", "success", "colour_ok", "shape_ok", "others_kept", "bg_psnr_scene")
 
 
 # ---------------------------------------------------------------------- inputs

@@ -30,7 +30,7 @@ pipe(image, source, target, strength=r, ..., generator=torch.Generator().manual_
 Outputs in the sweep folder: results.jsonl and results.csv (per run: the settings, item,
 mask_timestep, unet_samples, the metrics of diffedit.research.metrics that are defined for it -- bg_psnr_gt,
 bg_ssim_gt, gt_mask_area with a ground-truth mask; bg_psnr_mask, bg_ssim_mask, mask_area with a
-predicted mask; mask_iou with both; success, colour_ok, shape_ok on the shapes benchmark; user
+predicted mask; mask_iou with both; success, colour_ok, shape_ok, others_kept on the shapes benchmark; user
 metrics -- the image and mask_file paths, time_*_s and cache_*), sweep.json (the config),
 items.json, images/ITEM/{input,gt_mask,DIGEST}.png and masks/ITEM/tT-nN-seedS.npz (soft,
 difference, per_sample: what figures.py draws).
@@ -339,9 +339,10 @@ def _execute(pipe, cfg: SweepConfig, item: Item, run: Run, state: _ItemState, ou
     fields.update(M.edit_metrics(edited, image, item.gt_mask, pixel_mask, extra, item.source, item.target,
                                  target_image))
     if item.edit is not None:   # the shapes world: the edit checked against its ground truth
-        from diffedit.shapes.check import check_edit
+        from diffedit.shapes.check import check_edit, others_kept
         check = check_edit(edited, item.edit)
         fields.update(success=check.success, colour_ok=check.colour_ok, shape_ok=check.shape_ok,
+                      others_kept=others_kept(edited, item.edit),
                       bg_psnr_scene=M.psnr(edited, image, ~item.edit.background_mask))
     timing["time_metrics_s"] = time.perf_counter() - t0
     if cfg.save_images:

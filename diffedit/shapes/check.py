@@ -22,6 +22,12 @@ The edit succeeds when the measured colour and shape are those of the target obj
 colour edit the new colour and the unchanged shape, for a shape edit the new shape and the
 unchanged colour. Calibration (tests/test_shapes_world.py): 100 % success on exact target
 renders, 100 % failure on the unedited sources, also under noise, blur, a 1-px shift and JPEG.
+
+The other objects of the scene are measured the same way (`check_others`), each against its
+own unchanged colour and shape, with the edited object's old and new pixels left out:
+`others_kept` is True when all of them are kept. Like the edited object, each is looked for at
+its own place and size, so an edit that recolours, reshapes, moves or much enlarges another
+object (beyond the template search's +- 2 px) does not keep it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from diffedit.shapes.world import (
     OBJECT_RGB,
     SHAPES,
     Edit,
+    SceneObject,
     object_mask,
     shape_mask,
 )
@@ -166,16 +173,39 @@ def _as_image(edited_image) -> np.ndarray:
 def check_edit(edited_image, edit: Edit) -> EditCheck:
     """Measure the edited object's colour and shape in `edited_image` and compare with the target."""
     image = _as_image(edited_image).astype(np.float64)
-    obj = edit.target.objects[edit.object_index]
+    return measure_object(image, edit.target.objects[edit.object_index], _other_objects(edit, edit.object_index))
+
+
+def check_others(edited_image, edit: Edit) -> list[EditCheck]:
+    """`check_edit` for each object the edit leaves alone, against its source colour and shape
+    (in scene order, the edited object left out; empty for a one-object scene)."""
+    image = _as_image(edited_image).astype(np.float64)
+    return [measure_object(image, obj, _other_objects(edit, j))
+            for j, obj in enumerate(edit.source.objects) if j != edit.object_index]
+
+
+def others_kept(edited_image, edit: Edit) -> bool:
+    """True when every object but the edited one keeps its colour and shape (True without others)."""
+    return all(check.success for check in check_others(edited_image, edit))
+
+
+def _other_objects(edit: Edit, index: int) -> np.ndarray:
+    """The pixels of every object but object `index`, in the source and in the target."""
+    others = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    for j, (before, after) in enumerate(zip(edit.source.objects, edit.target.objects)):
+        if j != index:
+            others |= object_mask(before) | object_mask(after)
+    return others
+
+
+def measure_object(image: np.ndarray, obj: SceneObject, others: np.ndarray) -> EditCheck:
+    """Steps 1-6 for `obj` in a float (H, W, 3) image, the `others` pixels left out; compared
+    with `obj`'s colour and shape."""
     (cx, cy), size = obj.centre, obj.size
     x0, y0 = max(cx - size - WINDOW_PAD, 0), max(cy - size - WINDOW_PAD, 0)
     x1, y1 = min(cx + size + WINDOW_PAD + 1, IMAGE_SIZE), min(cy + size + WINDOW_PAD + 1, IMAGE_SIZE)
     window = image[y0:y1, x0:x1]
 
-    others = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-    for j, other in enumerate(edit.source.objects):
-        if j != edit.object_index:
-            others |= object_mask(other)
     usable = ~_grow(others, EXCLUDE_PAD)[y0:y1, x0:x1]
     ys, xs = np.mgrid[y0:y1, x0:x1]
     near_box = (np.abs(xs - cx) <= size + RING_GAP) & (np.abs(ys - cy) <= size + RING_GAP)

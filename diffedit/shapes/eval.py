@@ -8,6 +8,10 @@ For each held-out edit (world.heldout_edits: colour and shape edits, alternating
   - background PSNR  the edit against the input, over the pixels outside every object
                      (`bg_psnr_scene` in the sweep's rows)
   - success          check.check_edit: the edited object has the target colour and shape
+  - others kept      check.others_kept: every other object of the scene keeps its colour and
+                     shape at its place (an edit that also repaints or moves them does not); its
+                     mean is over the edits whose scene has other objects (`edits_with_others`)
+  - strict success   success and others kept, over every edit (a one-object scene's edit: success)
 
 Runs, the union of four grids around the paper's defaults (one mask and one inversion per image
 serve them all):
@@ -66,10 +70,12 @@ class EvalReport:
     default_seconds: float              # compute time of the default runs alone (mask + inversion + one decode)
 
     def table(self) -> str:
-        lines = [f"{'run':<22}{'r':>5}{'thr':>6}{'IoU':>7}{'bgPSNR':>8}{'success':>9}{'colour':>8}{'shape':>7}"]
+        lines = [f"{'run':<22}{'r':>5}{'thr':>6}{'IoU':>7}{'bgPSNR':>8}{'success':>9}{'colour':>8}{'shape':>7}"
+                 f"{'others':>8}{'strict':>8}"]
         for s in self.summary:
             lines.append(f"{s['run']:<22}{s['strength']:>5.1f}{s['threshold']:>6.2f}{s['mask_iou']:>7.3f}"
-                         f"{s['bg_psnr']:>8.2f}{s['success']:>9.2f}{s['colour_success']:>8.2f}{s['shape_success']:>7.2f}")
+                         f"{s['bg_psnr']:>8.2f}{s['success']:>9.2f}{s['colour_success']:>8.2f}{s['shape_success']:>7.2f}"
+                         f"{s['others_kept']:>8.2f}{s['success_strict']:>8.2f}")
         return "\n".join(lines)
 
 
@@ -104,8 +110,9 @@ def evaluate(pipe, settings: EvalSettings = EvalSettings(), out_dir: str | Path 
         with tempfile.TemporaryDirectory(prefix="diffedit-eval-") as tmp:
             return evaluate(pipe, settings, tmp, bar, model)
     result = run_sweep(sweep_config(settings, model), out_dir, pipe=pipe, bar=bar)
-    kinds = {f"shapes-{i:03d}": e.kind for i, e in enumerate(heldout_edits(settings.count))}
-    rows = [{**r, "run": run_name(r, settings), "kind": kinds[r["item"]]} for r in result.rows if r["item"] in kinds]
+    edits = {f"shapes-{i:03d}": e for i, e in enumerate(heldout_edits(settings.count))}
+    rows = [{**r, "run": run_name(r, settings), "kind": edits[r["item"]].kind,
+             "objects": len(edits[r["item"]].source.objects)} for r in result.rows if r["item"] in edits]
     runs = list(dict.fromkeys(r["run"] for r in rows))
     seconds = sum(r["time_mask_s"] + r["time_inversion_s"] + r["time_edit_s"] for r in rows)
     default_seconds = sum(r["time_mask_s"] + r["time_inversion_s"] + r["time_edit_s"]
@@ -115,17 +122,26 @@ def evaluate(pipe, settings: EvalSettings = EvalSettings(), out_dir: str | Path 
 
 def summarise(rows: list[dict], run: str) -> dict:
     """Means over the edits of one run (NaN where the run defines no such number, e.g. no mask IoU
-    without a mask)."""
+    without a mask). others_kept is over the edits of scenes with other objects; it and
+    success_strict are NaN when a row lacks others_kept (written before it was measured)."""
     mine = [r for r in rows if r["run"] == run]
 
     def mean(key: str, kind: str | None = None) -> float:
         values = [float(r[key]) for r in mine if r.get(key) is not None and kind in (None, r["kind"])]
         return statistics.fmean(values) if values else math.nan
+
+    def mean_of_all(values: list) -> float:   # NaN unless every row has its value: no partial mean
+        return statistics.fmean(values) if values and None not in values else math.nan
+    kept = [r.get("others_kept") for r in mine]
+    strict = [None if k is None else bool(r["success"]) and k for r, k in zip(mine, kept)]
     first = mine[0]
     return {"run": run, "strength": first["strength"], "threshold": first["threshold"],
             "ablation": first["ablation"], "edits": len(mine), "mask_iou": mean("mask_iou"),
             "bg_psnr": mean("bg_psnr_scene"), "success": mean("success"),
-            "colour_success": mean("success", "colour"), "shape_success": mean("success", "shape")}
+            "colour_success": mean("success", "colour"), "shape_success": mean("success", "shape"),
+            "edits_with_others": sum(r["objects"] > 1 for r in mine),
+            "others_kept": mean_of_all([k for r, k in zip(mine, kept) if r["objects"] > 1]),
+            "success_strict": mean_of_all(strict)}
 
 
 def write_report(report: EvalReport, out_dir: str | Path) -> tuple[Path, Path]:
@@ -208,8 +224,12 @@ def run(args) -> int:
     pipe = DiffEditPipeline.from_pretrained(args.model)
     report = evaluate(pipe, settings, args.out, bar=not args.quiet, model=args.model)
     print(report.table())
-    print(f"{len(report.rows) // max(len(report.summary), 1)} edits, {report.seconds:.1f} s of compute, "
-          f"{report.default_seconds:.1f} s for the default DiffEdit runs")
+    print(f"{len(report.rows) // max(len(report.summary), 1)} edits (others: over the "
+          f"{report.summary[0]['edits_with_others']} whose scene has other objects), "
+          f"{report.seconds:.1f} s of compute, {report.default_seconds:.1f} s for the default DiffEdit runs")
+    if any("others_kept" not in r for r in report.rows):
+        print(f"some rows in {args.out} predate the others_kept measure (others and strict are nan); "
+              "run the evaluation into a new --out to measure them.")
     csv_path, json_path = write_report(report, args.out)
     print(f"wrote {csv_path} and {json_path} (per edit: {Path(args.out) / 'results.csv'})")
     return 0
