@@ -123,7 +123,9 @@ CELLS = [
       `sdedit`, at a success at least as high;
     - DDIM encoding keeps the input inside the mask where the query does not ask for a change (the
       object's position, size, the texture under it), where a fresh noisy start (`no_encode`) has to
-      redraw them: the difference shows inside the mask, not in the background PSNR;
+      redraw them: that difference lies inside the mask, where the background PSNR does not look
+      (on `diffedit eval shapes`' 50 edits both keep 30.0-30.1 dB; on 10 edits chance alone can put
+      a few dB between them);
     - the threshold sets the mask's size: low, the mask spreads over the background (lower background
       PSNR); high, it stops covering the whole object (lower IoU, and eventually failed edits).
     """),
