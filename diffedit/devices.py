@@ -81,6 +81,11 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
         warnings.warn("this CPU has no native bf16 (no AVX-512 or AMX): torch emulates bf16 convolutions, which "
                       "makes bf16 several times slower than fp32 here; use fp32 for speed (dtype='fp32', --dtype fp32).",
                       PrecisionWarning, stacklevel=3)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.version.hip \
+            and torch.cuda.get_device_capability(device) < (8, 0):
+        warnings.warn(f"{device} has no native bf16 (compute capability below 8.0): bf16 runs emulated there, slowly; "
+                      "use fp16 for speed (dtype='fp16', --dtype fp16) or fp32 as the reference.",
+                      PrecisionWarning, stacklevel=3)
     return dtype
 
 

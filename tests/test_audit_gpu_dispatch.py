@@ -154,3 +154,16 @@ def test_every_triton_launch_is_on_the_tensors_device(monkeypatch, name):
         module.mask_reduction(cuda_like(1, 2, 4, 8, 8), cuda_like(1, 2, 4, 8, 8))
     assert state["launched_on"] and all(device == 1 for device in state["launched_on"]), state
     assert state["current"] == 0
+
+
+@pytest.mark.parametrize("capability, warned", [((7, 5), True), ((7, 0), True), ((8, 0), False), ((9, 0), False)])
+def test_bf16_on_a_gpu_without_native_bf16_warns(gpu, capability, warned):
+    """A T4 or V100 (7.x) runs bf16 emulated, slowly: said once, as on a CPU without native bf16."""
+    import warnings
+    gpu.capability = capability
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert devices.parse_dtype("bf16", torch.device("cuda:0")) == torch.bfloat16
+        assert devices.parse_dtype("fp16", torch.device("cuda:0")) == torch.float16
+    said = [str(w.message) for w in caught if issubclass(w.category, devices.PrecisionWarning)]
+    assert len(said) == warned and all("cuda:0 has no native bf16 (compute capability below 8.0)" in s for s in said)
