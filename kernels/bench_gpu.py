@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device found; this benchmark needs an NVIDIA GPU with Triton.")
+    capability = torch.cuda.get_device_capability()        # Triton compiles for 7.0 and up, bf16 for 8.0 and up
+    too_old = [name for name in args.dtypes if capability < ((8, 0) if name == "bf16" else (7, 0))]
+    if too_old and not torch.version.hip:
+        raise SystemExit(f"bench_gpu: this GPU (compute capability {capability[0]}.{capability[1]}) is too old for "
+                         f"Triton's {', '.join(too_old)} kernels (7.0, 8.0 for bf16); leave them out with --dtypes.")
     try:
         from . import attention
     except ImportError:

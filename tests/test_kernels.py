@@ -201,6 +201,18 @@ def test_one_chooser_for_both_kernels(monkeypatch):
         attention_module.set_attention_backend("fast")
 
 
+def test_bench_exits_with_one_line_on_a_gpu_too_old_for_triton(monkeypatch):
+    from diffedit.kernels.bench_gpu import main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))     # a T4
+    with pytest.raises(SystemExit, match=r"compute capability 7\.5\) is too old for Triton's bf16 kernels"):
+        main(["--dtypes", "fp16", "bf16"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))     # a P100
+    with pytest.raises(SystemExit, match="too old for Triton's fp16 kernels"):
+        main(["--dtypes", "fp16"])
+
+
 def test_bench_exits_with_one_line_without_cuda(tmp_path):
     result = _run("from diffedit.kernels.bench_gpu import main; main([])", {}, tmp_path)
     assert result.returncode == 1 and result.stdout == ""
