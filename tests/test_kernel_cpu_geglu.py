@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from diffedit.kernels import cpu_geglu as kernel
 from diffedit.models import packed_linear
@@ -20,11 +20,13 @@ PORTABLE = kernel.build(("-DPORTABLE_ONLY",))
 
 
 def bound(y: torch.Tensor) -> torch.Tensor:
-    """Per element, what the kernel may differ from the float64 map by: erf's formula (1.5e-7
-    absolute) and the reciprocal's Newton step scaled by |hidden| |gate| / 2, plus fp32 rounding of
-    the result (measured: within 6e-8 of max|ref|, as torch's own fp32 map)."""
+    """Per element, what the kernel may differ from the float64 map by: erf's formula evaluated in
+    fp32 and the reciprocal's Newton step, scaled by |hidden| |gate| / 2, plus fp32 rounding of the
+    result. Measured on a grid of 2e6 gates in [-6, 6] (hidden 1), beyond the result's rounding:
+    at most 3.3e-7 |gate| (near gate = -0.05, where 1 + erf cancels), torch's own vectorised fp32
+    gelu 2.3e-7 |gate|; a bound of 2e-7 failed on a case hypothesis found (rows 11, inner 58, seed 57)."""
     hidden, gate = y.double().chunk(2, dim=-1)
-    return hidden.abs() * gate.abs() * 2e-7 + kernel.reference(y.double()).abs() * 3e-7 + 1e-37
+    return hidden.abs() * gate.abs() * 4e-7 + kernel.reference(y.double()).abs() * 3e-7 + 1e-37
 
 
 def check(y: torch.Tensor, built=None) -> torch.Tensor:
@@ -50,6 +52,7 @@ def test_matches_float64_on_irregular_shapes(rows, inner, built):
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 40), inner=st.integers(1, 70), scale=st.sampled_from([1e-20, 1e-3, 1.0, 4.0, 30.0]),
        seed=st.integers(0, 2**16))
+@example(rows=11, inner=58, scale=1.0, seed=57)   # an error of 3.1e-7 |hidden| |gate|, beyond the first bound
 def test_property_within_the_bound_at_every_scale(rows, inner, scale, seed):
     y = torch.randn(rows, 2 * inner, generator=torch.Generator().manual_seed(seed)) * scale
     out = check(y)
