@@ -3,9 +3,12 @@ memory (16 KiB an edit grew to 0.45 GB on a whole ImageNet grid): what it reads 
 what it wrote, bit for bit, and nothing is left in the folder."""
 
 import os
+import tempfile
 
+import pytest
 import torch
 
+from diffedit.errors import OutputFileError
 from diffedit.research.scores.sets import FEATURES, SpilledFeatures
 
 
@@ -28,3 +31,12 @@ def test_float32_features_are_kept_as_float64(tmp_path):
     row = torch.linspace(-1, 1, FEATURES, dtype=torch.float32)
     spill.add("a", row)
     assert torch.equal(spill.group(["a"])[0], row.double())
+
+
+def test_a_folder_it_cannot_write_in_is_one_sentence(tmp_path, monkeypatch):
+    def refused(**_):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    with pytest.raises(OutputFileError, match=r"^cannot write in .* \(Permission denied\); the scores are written "
+                                              r"there: make it writable\.$"):
+        SpilledFeatures(tmp_path)

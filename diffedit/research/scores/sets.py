@@ -65,7 +65,11 @@ class SpilledFeatures:
     ROW = FEATURES * 8
 
     def __init__(self, folder: Path):
-        self._file = tempfile.TemporaryFile(dir=folder)
+        try:
+            self._file = tempfile.TemporaryFile(dir=folder)
+        except OSError as e:
+            raise OutputFileError(f"cannot write in {folder} ({e.strerror}); the scores are written there: make it "
+                                  "writable.") from None
         self._rows: dict[str, int] = {}
 
     def add(self, key: str, row: torch.Tensor) -> None:
