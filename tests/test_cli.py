@@ -91,6 +91,30 @@ def test_outputs_are_deterministic_and_mask_command_agrees(workdir, tiny_model_f
     assert np.array_equal(pixels["a.mask.png"], pixels["m.png"])  # one seed, one mask, whichever command
 
 
+def test_edit_with_out_alone_writes_the_mask_and_panel_beside_it(workdir, tiny_model_folder, capsys):
+    """--out alone used to send the mask and the panel into the input's folder (a dataset, maybe
+    read-only: then the run was refused unless --mask-out and --panel-out were given too)."""
+    results = workdir / "results"
+    results.mkdir()
+    code, _, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model",
+                            tiny_model_folder, *FAST, "--out", results / "run1.edit.png", "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(workdir)) == ["cat.png", "results"]
+    assert sorted(os.listdir(results)) == ["run1.edit.png", "run1.mask.png", "run1.panel.png"]
+    assert_png(results / "run1.mask.png", (W, H), "L")
+
+
+@pytest.mark.parametrize("out, mask, panel", [
+    ("res.png", "res.mask.png", "res.panel.png"), ("cat.edit.png", "cat.mask.png", "cat.panel.png"),
+    ("a.b.jpg", "a.b.mask.png", "a.b.panel.png"), (".edit.png", ".edit.mask.png", ".edit.panel.png")])
+def test_default_mask_and_panel_names_follow_out(tmp_path, out, mask, panel):
+    plan = cli.plan_outputs(tmp_path / "in" / "cat.png", {"edit": str(tmp_path / out), "mask": None, "panel": None},
+                            overwrite=False, protected=[])
+    assert plan == {"edit": tmp_path / out, "mask": tmp_path / mask, "panel": tmp_path / panel}
+    inside = cli.plan_outputs(tmp_path / "cat.png", {"edit": None, "mask": None, "panel": None}, False, [])
+    assert inside == {kind: tmp_path / f"cat.{kind}.png" for kind in ("edit", "mask", "panel")}  # no --out: as before
+
+
 def test_mask_command_default_name(workdir, tiny_model_folder, capsys):
     code, out, err = run_cli(["mask", workdir / "cat.png", "--source", "", "--target", "a dog", "--model",
                               tiny_model_folder, *FAST], capsys)
@@ -325,7 +349,8 @@ def test_sigkill_mid_write_leaves_no_partial_output(workdir, tiny_model_folder, 
     # The next run, without --overwrite, does not take the temp for an existing cat.mask.png, and
     # deletes it (its writer is dead).
     code, _, err = run_cli(["edit", workdir / "cat.png", "--source", "a cat", "--target", "a dog", "--model",
-                            tiny_model_folder, *FAST, "--out", workdir / "again.png", "--quiet"], capsys)
+                            tiny_model_folder, *FAST, "--out", workdir / "again.png", "--mask-out", workdir / "cat.mask.png",
+                            "--panel-out", workdir / "cat.panel.png", "--quiet"], capsys)
     assert code == 0, err
     assert sorted(os.listdir(workdir)) == ["again.png", "cat.edit.png", "cat.mask.png", "cat.panel.png", "cat.png"]
     assert_png(workdir / "cat.mask.png", (W, H), "L")
