@@ -164,12 +164,13 @@ def profile_calls(fn, calls: int) -> tuple[dict[str, float], dict[str, set]]:
     backends: dict[str, set] = defaultdict(set)
     one_by_one = one_by_one_shares(fn)
     for event in prof.key_averages():
-        kind = KINDS.get(event.key, "rest")
-        shares = {"conv 1x1": one_by_one[event.key], "conv 3x3": 1 - one_by_one[event.key]} if (
-            event.key in one_by_one) else {kind: 1.0}
+        one = one_by_one.get(event.key)
+        shares = {KINDS.get(event.key, "rest"): 1.0} if one is None else {"conv 1x1": one, "conv 3x3": 1 - one}
         for kind, share in shares.items():
+            if share == 0:  # no row for a kernel size the model does not run
+                continue
             seconds[kind] += share * event.self_cpu_time_total / 1e6 / calls
-            if event.key in BACKENDS and share * event.self_cpu_time_total > 0:
+            if event.key in BACKENDS and event.self_cpu_time_total > 0:
                 backends[kind].add(BACKENDS[event.key])
     return seconds, backends
 

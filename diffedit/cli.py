@@ -4,13 +4,13 @@
     diffedit mask IMAGE --source TEXT --target TEXT [--out MASK.png] ...
 
 `edit` writes three files next to the input (or where --out, --mask-out, --panel-out say):
-NAME.edit.png, NAME.mask.png and NAME.panel.png (input | the mask, outside dimmed | edit), all at the
-input's size; with --out OUT.png alone, the mask and the panel go beside it, OUT.mask.png and
-OUT.panel.png (--out cat.edit.png: cat.mask.png), not into the input's folder (with --mask, the given mask is not written again, and --mask-out is refused). Every
-argument is checked and every output path is cleared (its format's size limit too) before the model
-loads; the outputs are written at the end, atomically (files.atomic_write), so a run that is
-killed leaves either no output or a complete one. The input is never overwritten; an existing
-output only with --overwrite.
+NAME.edit.png, NAME.mask.png and NAME.panel.png (input | the mask, outside dimmed | edit), all at
+the input's size (with --mask, the given mask is not written again, and --mask-out is refused). With
+--out OUT.png alone, the mask and the panel go beside it, OUT.mask.png and OUT.panel.png (--out
+cat.edit.png: cat.mask.png), not into the input's folder. Every argument is checked and every output
+path is cleared (its format's size limit too) before the model loads; the outputs are written at the
+end, atomically (files.atomic_write), so a run that is killed leaves either no output or a complete
+one. The input is never overwritten; an existing output only with --overwrite.
 
 Errors of the project's own family (diffedit.errors) and of the command line itself print one
 line on stderr and exit with status 2; Ctrl-C exits with 130, SIGTERM with 143 (diffedit/exits.py).
@@ -93,8 +93,8 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
                    help="use this mask (white = edit) instead of computing one (not with --mask-out)")
     o = p.add_argument_group("outputs")
     o.add_argument("--out", metavar="PATH", help="the edited image (default NAME.edit.png next to the input)")
-    o.add_argument("--mask-out", metavar="PATH", help="the computed mask (default NAME.mask.png, beside --out if given; "
-                   "not with --mask)")
+    o.add_argument("--mask-out", metavar="PATH",
+                   help="the computed mask (default NAME.mask.png, beside --out if given; not with --mask)")
     o.add_argument("--panel-out", metavar="PATH", help="input | mask (outside dimmed) | edit, enlarged and labelled "
                    "(default NAME.panel.png, beside --out if given)")
     add_output_options(o)
@@ -146,9 +146,9 @@ def plan_outputs(image: Path, wanted: dict[str, str | None], overwrite: bool, pr
             flag = (flags or {}).get(kind, f"the {kind} output")
             raise OutputFileError(f"{flag} is empty; give a file name such as {default_output(image, kind).name}, "
                                   f"or leave out {flag} for that default.")
-    beside = named_after_out(user_path(wanted["edit"])) if wanted.get("edit") else image  # --out leads the others
-    plan = {kind: user_path(path) if path else default_output(image if kind == "edit" else beside, kind)
-            for kind, path in wanted.items()}
+    given = {kind: user_path(path) for kind, path in wanted.items() if path}
+    beside = named_after_out(given["edit"]) if "edit" in given else image  # --out leads the others
+    plan = {kind: given.get(kind) or default_output(image if kind == "edit" else beside, kind) for kind in wanted}
     seen: dict[Path, str] = {}
     for kind, path in plan.items():
         image_format(path)
