@@ -7,7 +7,8 @@ dependency) and C kernels for the CPU (built on first use with the system's C co
 - `cpu_attention`   fused attention in bf16 for CPUs with AVX512-BF16 (`cpu_attention.c`) and in fp32
                     for AVX2-only CPUs (`cpu_attention_fp32.c`, `cpu_exp_avx2.h`)
 - `cpu_linear`      fp32 linear layers (and 1x1 convolutions) for AVX2-only CPUs (`cpu_linear_fp32.c`)
-- `cpu_geglu`       the feed-forward's gating, hidden * gelu(gate), in one pass (`cpu_geglu_fp32.c`)
+- `cpu_geglu`       the feed-forward's gating, hidden * gelu(gate), in one pass: fp32 (AVX2) and bf16
+                    (AVX512-BF16) (`cpu_geglu.c`)
 - `c_build`         builds, caches (by source, compiler, flags and CPU kind) and loads the C kernels
 
 Each kernel file holds the algorithm and its memory traffic (docstring), the jitted kernel, a

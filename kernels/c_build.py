@@ -1,4 +1,4 @@
-"""Build and load diffedit's C kernels (cpu_attention*.c, cpu_linear_fp32.c, cpu_geglu_fp32.c; the
+"""Build and load diffedit's C kernels (cpu_attention*.c, cpu_linear_fp32.c, cpu_geglu.c; the
 headers beside them) on first use.
 
 The system's C compiler ($CC, else `cc`) with -O3 -march=native -fopenmp (without -fopenmp if the

@@ -1,5 +1,5 @@
 /* e^x and 2^x for x <= 0 in eight fp32 lanes (AVX2 + FMA), shared by the C kernels that need them
-   (cpu_attention_fp32.c: the softmax, 2^x; cpu_geglu_fp32.c: erf, e^x). Include after <immintrin.h>. */
+   (cpu_attention_fp32.c: the softmax, 2^x; cpu_geglu.c: erf, e^x). Include after <immintrin.h>. */
 
 #ifndef DIFFEDIT_CPU_EXP_AVX2_H
 #define DIFFEDIT_CPU_EXP_AVX2_H

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffedit import devices
 from diffedit.checkpoints.loading import StableDiffusion, load_model
 from diffedit.models.tokenizer import Tokenizer
 from reference_models import build_reference, compare
@@ -171,6 +172,17 @@ def test_unet_in_bf16_with_the_cpu_attention_kernel(full, monkeypatch):
         monkeypatch.setenv("DIFFEDIT_ATTENTION", backend)
         out = unet(latents, TIMESTEPS[-1], context).float()
         errors[backend] = ((out - expected).abs().max() / expected.abs().max()).item()
+    if devices.cpu_has_fast_bf16():  # and what the bf16 pipeline runs there: oneDNN linear layers, their gating kernel
+        from diffedit.kernels import cpu_geglu
+        from diffedit.models import packed_linear
+        packed_linear.pack_linears(unet, "onednn")
+        gated = []
+        geglu = cpu_geglu.geglu
+        monkeypatch.setattr(cpu_geglu, "geglu", lambda y, built=None: gated.append(1) or geglu(y))
+        out = unet(latents, TIMESTEPS[-1], context).float()
+        errors["cpu, oneDNN linear"] = ((out - expected).abs().max() / expected.abs().max()).item()
+        assert bool(gated) == (cpu_geglu.path(torch.bfloat16) == "avx512_bf16")
+        assert errors["cpu, oneDNN linear"] <= 1.25 * errors["torch"] + 1e-3, errors
     del unet
     print(f"[full-size {full.arch}] bf16 UNet 32x32, max error / max |ref|: {errors}")
     assert errors["cpu"] <= 1.25 * errors["torch"] + 1e-3, errors

@@ -30,6 +30,7 @@ ERROR_VS_TORCH, ATOL = 1.5, 2e-3
 SHAPES = [  # (batch, heads, queries, keys, head_dim): SD's shapes scaled down, and every irregular edge
     (2, 8, 64, 64, 40), (2, 8, 64, 77, 40), (1, 4, 33, 33, 80), (2, 2, 16, 16, 160), (1, 5, 40, 40, 64),
     (1, 1, 64, 64, 512), (3, 2, 9, 50, 12), (1, 3, 1, 1, 7), (2, 1, 17, 31, 13), (1, 2, 8, 97, 50), (1, 1, 130, 5, 2),
+    (1, 2, 19, 45, 88), (2, 1, 11, 21, 33),  # a 256-bit last vector (head dim 40's path) at c0 = 48; one real column
 ]
 
 

@@ -219,11 +219,18 @@ def unpack_linears(module: nn.Module) -> int:
 
 
 def on_kernel(layer: nn.Module, y: torch.Tensor) -> bool:
-    """True when `layer` ran on diffedit's fp32 kernel and its output `y` is an fp32 CPU tensor
-    outside autograd: then the kernel's companion (the feed-forward's gating, kernels/cpu_geglu.py)
-    serves y too, where it builds."""
-    return (isinstance(layer, PackedLinear) and layer.backend == "kernel" and y.dtype == torch.float32 and
-            y.device.type == "cpu" and not (torch.is_grad_enabled() and y.requires_grad) and cpu_geglu.available())
+    """True when the kernel's companion (the feed-forward's gating, kernels/cpu_geglu.py) is to serve
+    `y`, the output of `layer`, outside autograd on the CPU: where `layer` ran packed on diffedit's
+    fp32 kernel with y fp32 and the gating kernel builds, or on oneDNN with y bf16 and the gating
+    kernel builds its AVX512-BF16 path (1.3x-1.6x torch's bf16 map at SD's shapes on a Zen 4, torch's
+    values but for the erf formula's last bit)."""
+    recording = torch.is_grad_enabled() and y.requires_grad
+    if not isinstance(layer, PackedLinear) or y.device.type != "cpu" or recording:
+        return False
+    if layer.backend == "kernel" and y.dtype == torch.float32:
+        return cpu_geglu.available()
+    return layer.backend == "onednn" and y.dtype == torch.bfloat16 and cpu_geglu.available() \
+        and cpu_geglu.path(torch.bfloat16) == "avx512_bf16"
 
 
 def backend_of(module: nn.Module) -> str:

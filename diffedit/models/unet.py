@@ -112,8 +112,8 @@ def _same_tensor_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class GEGLU(nn.Module):
     """The gated-GELU input projection of the feed-forward block (Shazeer 2020). Where the
-    projection runs on diffedit's fp32 linear kernel (inference), the gating runs in one pass on
-    its companion kernel (kernels/cpu_geglu.py): the same values up to rounding."""
+    projection runs packed for inference (fp32 on diffedit's linear kernel, bf16 on oneDNN), the
+    gating runs in one pass on the C kernel of kernels/cpu_geglu.py: the same values up to rounding."""
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
