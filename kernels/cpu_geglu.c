@@ -120,11 +120,12 @@ static void geglu_row(const float *y, float *out, long inner) {
 #define BF16_PATH "avx512_bf16"
 
 /* With AVX512-BF16 (CPUs with native bf16, where diffedit runs it): sixteen lanes, the conversions
-   in one instruction each (VCVTNEPS2BF16 rounds to nearest even, as round8 does); the same formula
+   in one instruction each (VCVTNEPS2BF16 rounds to nearest even, as round1 does); the same formula
    as gelu8 and gelu1, so the same values (up to the last bit of exp and of the reciprocal). */
 static inline __m512 exp_nonpositive16(__m512 x) {   /* exp_nonpositive of cpu_exp_avx2.h, 16 lanes */
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
     __m512 p = _mm512_set1_ps(1.0f / 720);
@@ -156,7 +157,9 @@ static inline __m512 gelu16(__m512 gate) {   /* gelu8, 16 lanes */
     return _mm512_fmadd_ps(half_gate, erf_z, half_gate);
 }
 
-static inline __m512 widen16(__m256i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)); }
+static inline __m512 widen16(__m256i x) {   /* sixteen bf16 -> fp32 (a bf16 is the high half of an fp32) */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
 
 static void geglu_row_bf16(const uint16_t *y, uint16_t *out, long inner) {
     for (long j = 0; j < inner; j += 16) {   /* the tail on masked lanes */
