@@ -13,8 +13,8 @@ DIFFEDIT_MASK_KERNEL), else "auto":
   (CPU tensors are served only under Triton's interpreter, TRITON_INTERPRET=1, for the tests).
 
 Attention has a CPU kernel too (`diffedit.kernels.cpu_attention`, C built on first use): "auto" takes
-it for bf16 inference on CPUs where its AVX512-BF16 path builds (a rule from the CPU's features,
-the same on every run), and "cpu" takes it or raises, as "triton" does.
+it for bf16 inference on CPUs where its AVX512-BF16 path builds and torch cannot use AMX tiles (a
+rule from the CPU's features, the same on every run), and "cpu" takes it or raises, as "triton" does.
 
 `cpu_name()` names the CPU (model, family/model number, vector features) wherever a figure or a
 set of weights depends on it: the benchmarks' output and the embedded model's card.
@@ -168,8 +168,8 @@ def check_triton_gpu(device: torch.device, dtypes: set[torch.dtype]) -> None:
 
 def _cpu_attention_kernel(operands: tuple, forced: bool) -> ModuleType | None:
     """diffedit.kernels.cpu_attention if it serves `operands`: under "auto" only where its rule chooses
-    it (`chosen`: bf16 on AVX512-BF16, fp32 on AVX2-only CPUs, where it was measured faster than
-    torch's SDPA); `forced` ("cpu") raises."""
+    it (`chosen`: bf16 on AVX512-BF16 without AMX, fp32 on AVX2-only CPUs, where it was measured
+    faster than torch's SDPA); `forced` ("cpu") raises."""
     from diffedit.kernels import cpu_attention as kernel
 
     try:

@@ -4,15 +4,17 @@
 Why and how (algorithm, register tiles, memory traffic): the comments at the top of the two C
 files. In short, softmax(q k^T * scale) v per head, both products in register tiles (bf16:
 VDPBF16PS on AVX512-BF16; fp32: FMA on AVX2) and the softmax of a block of rows held in the core's
-caches, where torch's CPU `scaled_dot_product_attention` reaches 14-25 % of a native-bf16 machine's
-peak at SD's head dims in bf16, and 30-55 % of an AVX2 machine's in fp32.
+caches, where torch's CPU `scaled_dot_product_attention` reaches 14-25 % of an AVX512-BF16 machine's
+peak (without AMX) at SD's head dims in bf16, and 30-55 % of an AVX2 machine's in fp32.
 
 Build: on first use, by c_build.py (cached across processes). On a CPU without
 the fast path's instructions (AVX512-BF16 for bf16, AVX2 and FMA for fp32) the same source
 compiles its portable C path (`path(dtype)` says which), correct but slow. diffedit's "auto" rule
 (`chosen(dtype)`) takes the kernel where it was measured faster than torch's SDPA: bf16 where the
-AVX512-BF16 path builds; fp32 where the AVX2 path builds and torch's own CPU kernels are AVX2 ones
-(no AVX-512: measured on an AMD Zen 2; on AVX-512 CPUs fp32 stays torch's until measured there).
+AVX512-BF16 path builds and torch cannot use AMX tiles (with AMX, SDPA's flash attention multiplies
+on the tiles and was 1.1x-7x faster than the kernel on an Intel Xeon); fp32 where the AVX2 path
+builds and torch's own CPU kernels are AVX2 ones (no AVX-512: measured on an AMD Zen 2; on AVX-512
+CPUs fp32 stays torch's until measured there).
 The tests run whichever paths the machine has.
 
 Tensors in, tensors out: this file imports nothing of diffedit.
@@ -64,14 +66,23 @@ def fast(dtype: torch.dtype = torch.bfloat16) -> bool:
         return False
 
 
+def torch_uses_amx() -> bool:
+    """True when torch's CPU kernels (SDPA's flash attention among them) can run bf16 products on AMX
+    tiles here: the CPU has them and the OS lets this process use them."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() and torch._C._cpu._init_amx())
+    except (AttributeError, RuntimeError):  # a torch without these probes
+        return False
+
+
 @functools.cache
 def chosen(dtype: torch.dtype) -> bool:
     """diffedit's "auto" rule, fixed per machine kind: the kernel where it was measured faster than
-    torch's SDPA (module docstring): bf16 on its AVX512-BF16 path; fp32 on its AVX2 path where torch's
-    CPU kernels are AVX2 too."""
+    torch's SDPA (module docstring): bf16 on its AVX512-BF16 path unless torch's SDPA runs on AMX
+    tiles; fp32 on its AVX2 path where torch's CPU kernels are AVX2 too."""
     if dtype == torch.float32:
         return fast(dtype) and torch.backends.cpu.get_cpu_capability() == "AVX2"
-    return dtype == torch.bfloat16 and fast(dtype)
+    return dtype == torch.bfloat16 and fast(dtype) and not torch_uses_amx()
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> None:

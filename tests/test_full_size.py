@@ -155,7 +155,7 @@ def test_models_with_packed_convolutions_and_linear_layers(full, backend):
 @torch.no_grad()
 def test_unet_in_bf16_with_the_cpu_attention_kernel(full, monkeypatch):
     """bf16 on the CPU with diffedit's fused attention (kernels/cpu_attention.c, what "auto" runs on a
-    CPU with AVX512-BF16; forced here, so that other CPUs run its portable path) stays as close to the
+    CPU with AVX512-BF16 and no AMX; forced here, so that other CPUs run its portable path) stays as close to the
     fp32 reference as bf16 with torch's SDPA, and within test_models_parity's bf16 bar."""
     import copy
     from diffedit.errors import ParameterError

@@ -4,8 +4,8 @@ softmax(q k^T * scale) v over heads, with q, k, v given as (batch, tokens, heads
 Three backends, chosen per call by `diffedit.devices.choose_kernel`: torch's
 `scaled_dot_product_attention`; on CUDA with Triton installed, the fused kernel of
 `diffedit.kernels.attention`; for inference on the CPU, the fused C kernels of
-`diffedit.kernels.cpu_attention` (bf16 on CPUs with AVX512-BF16, fp32 on CPUs whose widest vectors
-are AVX2). The choice is the one given to `set_attention_backend`, else the environment variable
+`diffedit.kernels.cpu_attention` (bf16 on CPUs with AVX512-BF16 and no AMX, fp32 on CPUs whose
+widest vectors are AVX2). The choice is the one given to `set_attention_backend`, else the environment variable
 DIFFEDIT_ATTENTION: "auto" (default: Triton for CUDA tensors when it is installed, the CPU kernel
 where its rule chooses it, torch elsewhere), "torch", "triton" or "cpu" (the last two raise on
 tensors the kernel cannot serve instead of silently falling back). The text encoder's causal
