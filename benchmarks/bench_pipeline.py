@@ -16,8 +16,8 @@ Every run is a separate child process, so its peak resident memory (ru_maxrss, f
 own; runs alternate in order across repeats. Inside a child: load (not counted in the edit), the
 three phases timed with perf_counter, the UNet's forward wrapped to count samples and sum its time,
 the VAE's encode/decode and the text encoder wrapped and timed. After the edit the diffedit
-children time the bare UNet at batch 2 (median of 3) to give the floor: edit time / (UNet samples
-x time of one bare sample).
+children time the bare UNet (median of 3 calls) at each batch size the edit used (mask and decoding
+2, inversion 1) to give the floor: edit time / the same calls made bare.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class RunResult:
     vae_decodes: int = 0
     vae_seconds: float = 0.0                        # inside VAE encode + decode, summed
     text_seconds: float = 0.0
-    bare_sample: float | None = None                # one UNet sample at batch 2 (diffedit only)
+    unet_calls: dict = field(default_factory=dict)  # batch size -> UNet calls at that size in the edit
+    bare_calls: dict = field(default_factory=dict)  # batch size -> seconds of one bare UNet call (diffedit only)
     peak_rss_gb: float = 0.0
     load_average: float = 0.0                       # 1-minute load average at the end of the run
     linear_backend: str = "torch"                   # what ran the linear layers (diffedit: packed_linear)
@@ -127,10 +128,11 @@ def synthetic_picture(size: int, seed: int = 0) -> Image.Image:
 # ---------------------------------------------------------------------- instrumentation
 
 class Meter:
-    """Wrap obj.method (on the instance): count rows of the first argument and sum the time."""
+    """Wrap obj.method (on the instance): count rows of the first argument and calls per batch size,
+    and sum the time."""
 
     def __init__(self, obj, method: str):
-        self.rows, self.seconds = 0, 0.0
+        self.rows, self.seconds, self.batches = 0, 0.0, {}
         inner = getattr(obj, method)
 
         def timed(x, *args, **kwargs):
@@ -138,6 +140,7 @@ class Meter:
             out = inner(x, *args, **kwargs)
             self.seconds += time.perf_counter() - start
             self.rows += x.shape[0]
+            self.batches[x.shape[0]] = self.batches.get(x.shape[0], 0) + 1
             return out
         setattr(obj, method, timed)
         self.inner = inner
@@ -155,14 +158,14 @@ def run_phases(phases: list[tuple[str, callable]]) -> tuple[dict, dict]:
 
 
 @torch.inference_mode()
-def bare_unet_sample(unet_forward, latents: torch.Tensor, context: torch.Tensor, repeats: int = 3) -> float:
-    """Median time of one UNet forward at batch 2, divided by 2."""
+def bare_unet_call(unet_forward, latents: torch.Tensor, context: torch.Tensor, repeats: int = 3) -> float:
+    """Median time of one UNet forward on these rows (all sharing one x_t, as in every call of an edit)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         unet_forward(latents, 500, context)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) / latents.shape[0]
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------- the children
@@ -194,11 +197,13 @@ def child_diffedit(model: Path, image: Path, dtype: str, w: Workload, out: Path)
     np.save(out.with_suffix(".npy"), state["edit"].pixels.float().numpy())
     np.save(out.with_suffix(".mask.npy"), state["mask"].mask.numpy())
     _fill(result, unet, enc, dec, text)
-    latents = state["inversion"].latents[:, 0].repeat(2, 1, 1, 1).to(pipe.dtype)
-    if pipe.dtype == torch.bfloat16:
-        latents = latents.contiguous(memory_format=torch.channels_last)
-    context = pipe.encode_prompt([SOURCE, TARGET])
-    result.bare_sample = bare_unet_sample(unet.inner, latents, context)
+    result.unet_calls = dict(sorted(unet.batches.items()))
+    for batch in result.unet_calls:
+        latents = state["inversion"].latents[:, 0].repeat(batch, 1, 1, 1).to(pipe.dtype)
+        if pipe.dtype == torch.bfloat16:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        context = pipe.encode_prompt(([SOURCE, TARGET] * batch)[:batch])
+        result.bare_calls[batch] = bare_unet_call(unet.inner, latents, context)
     return result
 
 
@@ -273,6 +278,8 @@ def run_child(name: str, model: Path, image: Path, w: Workload, work: Path, repe
         raise SystemExit(f"the {name} run failed with exit code {proc.returncode}; see its output above.")
     data = json.loads(out.read_text())
     data["peak_rss_gb"] = usage.ru_maxrss * 1024 / 1e9  # Linux reports kilobytes
+    for key in ("unet_calls", "bare_calls"):  # JSON keys are strings: batch sizes back to ints
+        data[key] = {int(batch): value for batch, value in data[key].items()}
     return RunResult(**data)
 
 
@@ -324,9 +331,10 @@ def print_report(results: dict[str, RunResult], work: Path, w: Workload) -> dict
         summary["CPU time bf16: diffusers fp32 / diffedit bf16"] = theirs.cpu_total / bf16.cpu_total
         summary["peak RSS: diffedit bf16 / diffusers fp32 (target <= 0.5)"] = bf16.peak_rss_gb / theirs.peak_rss_gb
     for r in (x for x in (fp32, bf16) if x):
-        summary[f"{r.name}: bare UNet sample s (batch 2)"] = r.bare_sample
-        summary[f"{r.name}: edit total / (UNet samples x bare sample) (target <= 1.10)"] = \
-            r.total / (r.unet_samples * r.bare_sample)
+        for batch, seconds in r.bare_calls.items():
+            summary[f"{r.name}: bare UNet call s, batch {batch} ({r.unet_calls[batch]} in the edit)"] = seconds
+        floor = sum(r.unet_calls[batch] * seconds for batch, seconds in r.bare_calls.items())
+        summary[f"{r.name}: edit total / its UNet calls made bare (target <= 1.10)"] = r.total / floor
         # the same question without the bare timing's run-to-run noise: how much is spent outside the UNet
         summary[f"{r.name}: edit total / time inside the UNet"] = r.total / r.unet_seconds
     sdpa = results.get("diffedit-bf16-sdpa")

@@ -237,13 +237,18 @@ def test_benchmark_quick_mode_runs(tmp_path):
                           "--cache", str(tmp_path / "model"), "--json", str(tmp_path / "bench.json")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    for row in ("| diffedit-fp32 |", "| diffusers-fp32 |", "| diffedit-bf16 |", "speed fp32", "bare UNet"):
+    for row in ("| diffedit-fp32 |", "| diffusers-fp32 |", "| diffedit-bf16 |", "speed fp32",
+                "diffedit-fp32: bare UNet call s, batch 1 (3 in the edit)", "bare UNet call s, batch 2 (5 in the edit)",
+                "diffedit-bf16: edit total / its UNet calls made bare"):
         assert row in out.stdout
     import json
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
     # quick workload: n = 2, 4 steps, r = 0.8 -> 2n + 3 + 2 * 3 = 13 samples; diffusers 4n + 2 * 3 + 2 * 3
     assert runs["diffedit-fp32"][0]["unet_samples"] == 13 and runs["diffedit-bf16"][0]["unet_samples"] == 13
     assert runs["diffusers-fp32"][0]["unet_samples"] == 20
+    # the calls behind them: the inversion's 3 at batch 1, the mask's 2n and the decoding's 2 * 3 rows at batch 2
+    assert runs["diffedit-fp32"][0]["unet_calls"] == {"1": 3, "2": 5}
+    assert set(runs["diffedit-bf16"][0]["bare_calls"]) == {"1", "2"} and runs["diffusers-fp32"][0]["bare_calls"] == {}
     assert runs["diffedit-fp32"][0]["vae_encodes"] == 1 and all(r[0]["peak_rss_gb"] > 0 for r in runs.values())
 
 
