@@ -373,7 +373,6 @@ def main() -> None:
         return child_main(args)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-
     if args.size is not None and (args.size < 64 or args.size % 64):
         parser.error(f"--size must be a positive multiple of 64 (the UNet halves the latents three times), "
                      f"got {args.size}")
@@ -394,9 +393,8 @@ def main() -> None:
         summary = print_report(results, work, w)
     if args.json:
         from diffedit.io.files import atomic_write_text
-        payload = {"workload": asdict(w), "cpu": cpu_name(), "runs": {n: [asdict(r) | {"total": r.total, "cpu_total": r.cpu_total}
-                                                        for r in rs]
-                                                    for n, rs in runs.items()}, "summary": summary}
+        every_run = {n: [asdict(r) | {"total": r.total, "cpu_total": r.cpu_total} for r in rs] for n, rs in runs.items()}
+        payload = {"workload": asdict(w), "cpu": cpu_name(), "runs": every_run, "summary": summary}
         atomic_write_text(args.json, json.dumps(payload, indent=2), overwrite=True)
 
 
