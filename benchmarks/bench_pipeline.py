@@ -132,18 +132,21 @@ class Meter:
     and sum the time."""
 
     def __init__(self, obj, method: str):
-        self.rows, self.seconds, self.batches = 0, 0.0, {}
+        self.seconds, self.batches = 0.0, {}  # batch size -> calls
         inner = getattr(obj, method)
 
         def timed(x, *args, **kwargs):
             start = time.perf_counter()
             out = inner(x, *args, **kwargs)
             self.seconds += time.perf_counter() - start
-            self.rows += x.shape[0]
             self.batches[x.shape[0]] = self.batches.get(x.shape[0], 0) + 1
             return out
         setattr(obj, method, timed)
         self.inner = inner
+
+    @property
+    def rows(self) -> int:
+        return sum(batch * calls for batch, calls in self.batches.items())
 
 
 def run_phases(phases: list[tuple[str, callable]]) -> tuple[dict, dict]:
